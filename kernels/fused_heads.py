@@ -1,0 +1,468 @@
+"""Fused MTP heads: head residual blocks, one read of the LM head for all rows, argmax, confidence, CLP.
+
+Twin of :func:`clp_fast.reference.fused_heads` (same signature, same outputs). Three launches:
+
+1. ``_head_hidden_kernel``: ``z[r, j] = h_r + SiLU(W_j h_r + b_j)`` in fp32, cast to the input dtype
+   (row ``j = 0`` is ``h_r`` itself). It is a Triton kernel rather than torch code in the launcher
+   (house style: launchers do no math); it reads ``k * H * H`` head weights, e.g. 3.2M at Qwen2.5-0.5B
+   with k = 4, 2.4% of the LM head's 136M, so it is not where the time goes.
+2. ``_fused_heads_kernel``: every ``R * (k + 1)`` row against one read of ``W [V, H]``, tiled over the
+   vocabulary, accumulated in fp32 and rounded to the input dtype like the reference; each program owns a contiguous vocabulary split and keeps an online max / argmax /
+   sum-exp per row, writing three small ``[rows, splits]`` partials. The ``[rows, V]`` logits never
+   touch memory (at R = 16, k = 4 they would be 80 x 151,936 fp32 = 49 MB, 18% of W's bf16 bytes).
+3. ``_merge_clp_kernel``: one program per backbone row merges the splits (ties to the lowest index),
+   writes ids and confidences, and applies the CLP layer (longest prefix with sigmoid >= threshold).
+
+NaN policy: a logit row that holds a NaN or an inf (NaN/inf inputs, or fp32 overflow) gets ``conf = NaN``,
+as in the reference; its id is then unspecified (the reference returns the first NaN's index) and the CLP
+stops accepting at that head (``NaN >= threshold`` is false, as in the reference). With
+``CLP_FAST_DEBUG=1`` the launcher raises ``ValueError`` naming the first such (row, head) instead; the check
+syncs the device, which is why it is opt-in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fused_heads"]
+
+_INT32_MAX = tl.constexpr(2**31 - 1)  # "no index" sentinel: loses every lowest-index tie
+
+
+@triton.jit
+def _rne_bf16_bits(x):
+    """fp32 ``x`` rounded to nearest-even bf16, as fp32 bits (low 16 bits zero); NaN stays NaN.
+
+    By hand, not ``x.to(tl.bfloat16)``: Triton 3.9's interpreter truncates that cast (518 of 1024 random
+    values differ from torch's RNE); one code path for GPU and CI costs a few integer ops per logit.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, 0x7FC00000, rounded)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (nearest even) and widened back to fp32."""
+    if dtype == tl.bfloat16:
+        return _rne_bf16_bits(x).to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _narrow(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (nearest even)."""
+    if dtype == tl.bfloat16:
+        return (_rne_bf16_bits(x) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _widen(x):
+    """``x`` as fp32. bf16 by bit shift: exact, and the interpreter's generic cast costs ~10 ms a tile."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _head_hidden_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    z_ptr,
+    R,
+    H,
+    stride_hr,
+    stride_hh,
+    stride_wk,
+    stride_wn,
+    stride_wc,
+    stride_bk,
+    stride_bn,
+    stride_zr,
+    stride_zj,
+    stride_zh,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    # Grid: (row blocks, output-feature blocks, k + 1). Head j = 0 is the backbone row: a copy.
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    j = tl.program_id(2)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = offs_r < R
+    mask_n = offs_n < H
+    mask_out = mask_r[:, None] & mask_n[None, :]
+    h_out = tl.load(
+        h_ptr + offs_r[:, None] * stride_hr + offs_n[None, :] * stride_hh, mask=mask_out, other=0.0
+    )
+    z_ptrs = z_ptr + offs_r[:, None] * stride_zr + j * stride_zj + offs_n[None, :] * stride_zh
+    if j == 0:
+        tl.store(z_ptrs, h_out, mask=mask_out)
+    else:
+        w_base = w_ptr + (j - 1).to(tl.int64) * stride_wk
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, H, BLOCK_K):
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            mask_c = offs_c < H
+            a = tl.load(
+                h_ptr + offs_r[:, None] * stride_hr + offs_c[None, :] * stride_hh,
+                mask=mask_r[:, None] & mask_c[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                w_base + offs_n[:, None] * stride_wn + offs_c[None, :] * stride_wc,
+                mask=mask_n[:, None] & mask_c[None, :],
+                other=0.0,
+            )
+            if FP32_DOT:
+                # "ieee": TF32 would round the operands to 10 mantissa bits, far from the fp32 reference.
+                acc = tl.dot(_widen(a), tl.trans(_widen(w)), acc, input_precision="ieee")
+            else:
+                # 16-bit products are exact in fp32, so this equals the reference's upcast-then-fp32 einsum
+                # up to summation order.
+                acc = tl.dot(a, tl.trans(w), acc)
+        bias = _widen(tl.load(b_ptr + (j - 1) * stride_bk + offs_n * stride_bn, mask=mask_n, other=0.0))
+        proj = acc + bias[None, :]
+        z = _widen(h_out) + proj * tl.sigmoid(proj)
+        tl.store(z_ptrs, _narrow(z, z_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _fused_heads_kernel(
+    z_ptr,
+    w_ptr,
+    pmax_ptr,
+    parg_ptr,
+    psum_ptr,
+    n_rows,
+    V,
+    H,
+    tiles_per_split,
+    stride_zr,
+    stride_zh,
+    stride_wv,
+    stride_wh,
+    stride_pr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    # Grid: (row blocks, vocabulary splits). Row blocks vary fastest, so the programs that share a
+    # W split run together and any second row block reads it from L2, not HBM.
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    z_rows = z_ptr + offs_m.to(tl.int64)[:, None] * stride_zr
+
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_arg = tl.full((BLOCK_M,), _INT32_MAX, dtype=tl.int32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(0, tiles_per_split):
+        v0 = (split * tiles_per_split + t) * BLOCK_V
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        # int64: V * H stays below 2**31 for real vocabularies, but a padded row stride may not.
+        w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
+        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < H
+            a = tl.load(z_rows + offs_k[None, :] * stride_zh, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :] * stride_wh, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            if FP32_DOT:
+                acc = tl.dot(_widen(a), tl.trans(_widen(w)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        # Round to the input dtype first, as a plain lm_head forward does (the reference's F.linear): the
+        # argmax must be that of the logits transformers' greedy search sees. A no-op for fp32.
+        acc = _round_to(acc, w_ptr.dtype.element_ty)
+        logits = tl.where(mask_v[None, :], acc, float("-inf"))
+        tile_max = tl.max(logits, axis=1)
+        # Lowest index among the tile's maxima, like torch.argmax; a later tile only wins when strictly
+        # greater, so ties across tiles also keep the lowest index.
+        tile_arg = tl.min(tl.where(logits == tile_max[:, None], offs_v[None, :], _INT32_MAX), axis=1)
+        new_max = tl.maximum(run_max, tile_max)
+        run_arg = tl.where(tile_max > run_max, tile_arg, run_arg)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        run_max = new_max
+
+    out = offs_m * stride_pr + split
+    tl.store(pmax_ptr + out, run_max, mask=mask_m)
+    tl.store(parg_ptr + out, run_arg, mask=mask_m)
+    tl.store(psum_ptr + out, run_sum, mask=mask_m)
+
+
+@triton.jit
+def _merge_clp_kernel(
+    pmax_ptr,
+    parg_ptr,
+    psum_ptr,
+    h_ptr,
+    cw_ptr,
+    cb_ptr,
+    ids_ptr,
+    conf_ptr,
+    accept_ptr,
+    K1,
+    S,
+    H,
+    threshold,
+    stride_pr,
+    stride_hr,
+    stride_hh,
+    stride_cwk,
+    stride_cwc,
+    stride_cb,
+    stride_ir,
+    stride_ij,
+    stride_cr,
+    stride_cj,
+    BLOCK_J: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_CLP: tl.constexpr,
+):
+    # One program per backbone row r: its k + 1 logit rows are partial rows r * K1 .. r * K1 + k.
+    r = tl.program_id(0)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_j = offs_j < K1
+    mask = mask_j[:, None] & (offs_s < S)[None, :]
+    part = (r * K1 + offs_j)[:, None] * stride_pr + offs_s[None, :]
+    pmax = tl.load(pmax_ptr + part, mask=mask, other=float("-inf"))
+    parg = tl.load(parg_ptr + part, mask=mask, other=_INT32_MAX)
+    psum = tl.load(psum_ptr + part, mask=mask, other=0.0)
+
+    # Padded rows (j > k) get a 0 maximum, not -inf, so that exp(-inf - max) stays a clean 0.
+    row_max = tl.where(mask_j, tl.max(pmax, axis=1), 0.0)
+    # Splits cover increasing vocabulary ranges and each holds its own lowest argmax, so the lowest
+    # index over the tied splits is the global lowest index.
+    row_arg = tl.min(tl.where(pmax == row_max[:, None], parg, _INT32_MAX), axis=1)
+    total = tl.where(mask_j, tl.sum(psum * tl.exp(pmax - row_max[:, None]), axis=1), 1.0)
+    # exp(max - logsumexp) = 1 / sum(exp(l - max)): one division, no log/exp round trip.
+    conf = 1.0 / total
+    tl.store(ids_ptr + r * stride_ir + offs_j * stride_ij, row_arg.to(tl.int64), mask=mask_j)
+    tl.store(conf_ptr + r * stride_cr + offs_j * stride_cj, conf, mask=mask_j)
+
+    k = K1 - 1
+    if HAS_CLP:
+        # CLP logit_i = sum_h h[h] Wc[i, h] + sum_c conf[c] Wc[i, H + c - 1] + b[i] over heads c = 1..k.
+        mask_i = offs_j < k
+        acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            hv = _widen(tl.load(h_ptr + r * stride_hr + offs_h * stride_hh, mask=mask_h, other=0.0))
+            cw = tl.load(
+                cw_ptr + offs_j[:, None] * stride_cwk + offs_h[None, :] * stride_cwc,
+                mask=mask_i[:, None] & mask_h[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(_widen(cw) * hv[None, :], axis=1)
+        is_head = (offs_j >= 1) & mask_j
+        # tl.where, not a multiply by a 0/1 mask: a NaN confidence (NaN logits) must not leak into other heads.
+        head_conf = tl.where(is_head, conf, 0.0)
+        cw_conf = tl.load(
+            cw_ptr + offs_j[:, None] * stride_cwk + (H + offs_j - 1)[None, :] * stride_cwc,
+            mask=mask_i[:, None] & is_head[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(_widen(cw_conf) * head_conf[None, :], axis=1)
+        logit = acc + _widen(tl.load(cb_ptr + offs_j * stride_cb, mask=mask_i, other=0.0))
+        ok = tl.sigmoid(logit) >= threshold
+        accept = tl.min(tl.where(mask_i & (ok == 0), offs_j, k), axis=0)
+    else:
+        accept = k
+    # A vector store with one live lane: accept may be a plain int (K1 == 1 is specialised to a constant).
+    tl.store(accept_ptr + r + offs_j * 0, tl.zeros((BLOCK_J,), dtype=tl.int64) + accept, mask=offs_j == 0)
+
+
+def _config(device: torch.device, n_rows: int, V: int, H: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and vocabulary splits for the LM-head pass.
+
+    GPU: 16..64 rows per block (decode is memory-bound up to ~200 rows on an H200, so one block reads W
+    once), 64-token vocabulary tiles and enough splits for two programs per SM. Interpreter (CPU): big
+    tiles, since each Triton op costs Python overhead there, and a few splits so the merge is exercised.
+    """
+    n_tiles_of = lambda bv: triton.cdiv(V, bv)  # noqa: E731
+    if device.type == "cuda":
+        block_m = min(max(16, triton.next_power_of_2(n_rows)), 64)
+        block_v = 64
+        block_k = 64 if dtype == torch.float32 else 128
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(2 * n_sm, triton.cdiv(n_rows, block_m))
+        num_warps, num_stages = 4, 3 if dtype == torch.float32 else 4
+    else:
+        block_m = min(max(16, triton.next_power_of_2(n_rows)), 128)
+        block_v = 128 if V <= 16384 else 2048
+        block_k = min(max(16, triton.next_power_of_2(H)), 256)
+        want = min(8, triton.cdiv(n_tiles_of(block_v), 2))
+        num_warps, num_stages = 4, 1
+    n_tiles = n_tiles_of(block_v)
+    tiles_per_split = triton.cdiv(n_tiles, max(1, min(want, n_tiles, 1024)))
+    # Recomputed so that no split is empty: every split's running max is then finite.
+    n_splits = triton.cdiv(n_tiles, tiles_per_split)
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        tiles_per_split=tiles_per_split,
+        n_splits=n_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_heads(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    clp_weight: torch.Tensor | None = None,
+    clp_bias: torch.Tensor | None = None,
+    threshold: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backbone + MTP-head argmaxes, confidences and CLP accept lengths; twin of the reference.
+
+    Args:
+        hidden: ``[R, H]`` final hidden states (bf16, fp16 or fp32).
+        head_weight: ``[k, H, H]``; ``k`` may be 0.
+        head_bias: ``[k, H]``.
+        lm_head_weight: ``[V, H]``, same dtype as ``hidden``.
+        clp_weight: ``[k, H + k]`` or None (then accept lengths are all ``k``).
+        clp_bias: ``[k]`` or None.
+        threshold: CLP acceptance probability.
+
+    Returns:
+        ids ``[R, k + 1]`` int64, conf ``[R, k + 1]`` fp32, accept ``[R]`` int64 (see the reference).
+
+    Raises:
+        ValueError: bad shapes or devices; with ``CLP_FAST_DEBUG=1``, a NaN/inf logit row.
+        TypeError: unsupported or mismatched dtypes.
+    """
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [R, H], got shape {tuple(hidden.shape)}")
+    R, H = hidden.shape
+    if head_weight.dim() != 3 or head_weight.shape[1:] != (H, H):
+        raise ValueError(f"head_weight must be [k, {H}, {H}], got {tuple(head_weight.shape)}")
+    k = head_weight.shape[0]
+    if tuple(head_bias.shape) != (k, H):
+        raise ValueError(f"head_bias must be [{k}, {H}], got {tuple(head_bias.shape)}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
+        raise ValueError(f"lm_head_weight must be [V, {H}], got {tuple(lm_head_weight.shape)}")
+    V = lm_head_weight.shape[0]
+    if V >= 2**31 - 1:
+        raise ValueError(f"vocabulary size {V} does not fit the kernel's int32 token ids")
+    if hidden.dtype not in _FLOATS:
+        raise TypeError(f"hidden dtype {hidden.dtype} is not one of {_FLOATS}")
+    if lm_head_weight.dtype != hidden.dtype:
+        raise TypeError(f"lm_head_weight dtype {lm_head_weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if head_weight.dtype not in _FLOATS or head_bias.dtype not in _FLOATS:
+        raise TypeError(f"head weight/bias dtypes {head_weight.dtype}/{head_bias.dtype} are not floating")
+    has_clp = clp_weight is not None and k > 0
+    if has_clp:
+        if clp_bias is None:
+            raise ValueError("clp_weight given without clp_bias")
+        if tuple(clp_weight.shape) != (k, H + k) or tuple(clp_bias.shape) != (k,):
+            raise ValueError(
+                f"clp_weight/clp_bias must be [{k}, {H + k}]/[{k}], got {tuple(clp_weight.shape)}/"
+                f"{tuple(clp_bias.shape)}"
+            )
+    tensors = [hidden, head_weight, head_bias, lm_head_weight] + ([clp_weight, clp_bias] if has_clp else [])
+    for t in tensors:
+        if t.device != hidden.device:
+            raise ValueError(f"all tensors must be on {hidden.device}, found one on {t.device}")
+
+    dev = hidden.device
+    K1 = k + 1
+    # Triton 3.9's interpreter mis-evaluates tl.dot on bf16 operands (garbage of order 1e10); upcasting to
+    # fp32 first gives the same numbers a bf16 x bf16 -> fp32 MMA gives, since bf16 products are exact in fp32.
+    interpret = dev.type != "cuda" or os.environ.get("TRITON_INTERPRET", "") == "1"
+    ids = torch.empty((R, K1), dtype=torch.int64, device=dev)
+    conf = torch.empty((R, K1), dtype=torch.float32, device=dev)
+    accept = torch.empty((R,), dtype=torch.int64, device=dev)
+    if R == 0:
+        return ids, conf, accept
+
+    if k == 0:
+        # The only logit row is the backbone's: read hidden in place, no copy.
+        z = hidden
+    else:
+        z3 = torch.empty((R, K1, H), dtype=hidden.dtype, device=dev)
+        block_r, block_n, block_c = 16, 64, 64
+        if interpret:
+            # Python overhead per Triton op dominates the interpreter: whole-H blocks make it one dot per head
+            # (Qwen2.5-0.5B shape: 16 s -> well under 1 s on 2 CPU cores).
+            block_n = block_c = min(max(16, triton.next_power_of_2(H)), 1024)
+        grid = (triton.cdiv(R, block_r), triton.cdiv(H, block_n), K1)
+        _head_hidden_kernel[grid](
+            hidden, head_weight, head_bias, z3,
+            R, H,
+            hidden.stride(0), hidden.stride(1),
+            head_weight.stride(0), head_weight.stride(1), head_weight.stride(2),
+            head_bias.stride(0), head_bias.stride(1),
+            z3.stride(0), z3.stride(1), z3.stride(2),
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_c,
+            FP32_DOT=hidden.dtype == torch.float32 or head_weight.dtype != hidden.dtype or interpret,
+        )  # fmt: skip
+        z = z3.view(R * K1, H)
+
+    n_rows = R * K1
+    cfg = _config(dev, n_rows, V, H, hidden.dtype)
+    S = cfg["n_splits"]
+    pmax = torch.empty((n_rows, S), dtype=torch.float32, device=dev)
+    parg = torch.empty((n_rows, S), dtype=torch.int32, device=dev)
+    psum = torch.empty((n_rows, S), dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), S)
+    _fused_heads_kernel[grid](
+        z, lm_head_weight, pmax, parg, psum,
+        n_rows, V, H, cfg["tiles_per_split"],
+        z.stride(0), z.stride(1),
+        lm_head_weight.stride(0), lm_head_weight.stride(1),
+        pmax.stride(0),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
+        FP32_DOT=hidden.dtype == torch.float32 or interpret,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+
+    cw = clp_weight if has_clp else pmax  # any tensor: never read when HAS_CLP is False
+    cb = clp_bias if has_clp else pmax
+    _merge_clp_kernel[(R,)](
+        pmax, parg, psum, hidden, cw, cb, ids, conf, accept,
+        K1, S, H, float(threshold),
+        pmax.stride(0),
+        hidden.stride(0), hidden.stride(1),
+        cw.stride(0), cw.stride(1), cb.stride(0),
+        ids.stride(0), ids.stride(1), conf.stride(0), conf.stride(1),
+        BLOCK_J=max(2, triton.next_power_of_2(K1)),
+        BLOCK_S=max(2, triton.next_power_of_2(S)),
+        BLOCK_H=min(triton.next_power_of_2(H), 1024),
+        HAS_CLP=has_clp,
+    )  # fmt: skip
+
+    if os.environ.get("CLP_FAST_DEBUG", "") == "1":
+        bad = (~torch.isfinite(conf)).nonzero()
+        if bad.numel():
+            r, j = bad[0].tolist()
+            raise ValueError(
+                f"fused_heads: logit row (row {r}, head {j}) holds NaN or inf (conf={conf[r, j].item()}); "
+                f"{bad.shape[0]} such rows in all"
+            )
+    return ids, conf, accept

@@ -1,0 +1,216 @@
+"""The decode engine against transformers: native forward logits, greedy, lossless, clp, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clp_fast
+from clp_fast import decode
+from clp_fast.heads import MTPHeads
+from clp_fast.model import NativeBackbone
+from tests.conftest import assert_equal_ids, left_pad, tiny_model
+
+PROMPTS = [[5, 17, 300, 2, 999, 41, 8], [12, 13], [700], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
+
+
+def hf_greedy(model, ids, mask, n, eos=None, pad=0):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                          pad_token_id=pad)
+
+
+def random_heads(model, k=3, std=0.05):
+    heads = MTPHeads.for_model(model, k)
+    with torch.no_grad():
+        heads.weight.normal_(std=std)
+        heads.clp.linear.bias.fill_(3.0)  # the CLP takes every guess at threshold 0.5
+    return heads
+
+
+class OracleDrafts:
+    """Replaces the heads' guesses with the true greedy continuation, corrupted at known places.
+
+    Finds which (row, position) a hidden state belongs to by nearest neighbour among
+    transformers' own final hidden states of the full greedy sequences, so the verify / commit
+    path sees long accepted runs, partial runs and rejections.
+    """
+
+    def __init__(self, model, sequences: list[list[int]], corrupt_every: int = 4):
+        self.bank, self.where = [], []
+        with torch.no_grad():
+            for r, seq in enumerate(sequences):
+                hs = model.model(torch.tensor([seq])).last_hidden_state[0]
+                self.bank.append(hs.float())
+                self.where += [(r, t) for t in range(len(seq))]
+        self.bank = torch.cat(self.bank)
+        self.sequences, self.corrupt_every = sequences, corrupt_every
+        self.V = model.config.vocab_size
+        self.original = decode._draft
+
+    def __call__(self, bb, heads, hidden, mode, policy, threshold):
+        ids, conf, n = self.original(bb, heads, hidden, mode, policy, threshold)
+        nearest = torch.cdist(hidden.float(), self.bank).argmin(-1).tolist()
+        for i, b in enumerate(nearest):
+            r, t = self.where[b]
+            seq = self.sequences[r]
+            for j in range(1, ids.shape[1]):
+                if t + 1 + j < len(seq):
+                    tok = seq[t + 1 + j]
+                    if (t + 3 * j) % self.corrupt_every == 0:
+                        tok = (tok + 1) % self.V
+                    ids[i, j] = tok
+        return ids, conf, n
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_native_forward_matches_transformers_logits(arch):
+    model = tiny_model(arch)
+    bb = NativeBackbone(model)
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        want = model(ids, attention_mask=mask, position_ids=pos).logits  # [B, P, V]
+        # prefill the first 3 real tokens of each row, then feed the rest as one multi-token step
+        lens = mask.sum(-1)
+        cache = bb.allocate_cache(len(PROMPTS), 32)
+        first = torch.minimum(lens, torch.tensor(3))
+        order = torch.sort(mask, dim=-1, descending=True, stable=True).indices
+        unpadded = torch.gather(ids, 1, order)
+        h1, nk, nv = bb.forward(unpadded[:, :3], cache, first)
+        clp_fast.backend.commit_kv_span_(cache.k, cache.v, nk, nv, cache.lengths, first)
+        cache.lengths += first
+        rest = torch.stack([torch.roll(unpadded[b], -int(first[b])) for b in range(len(PROMPTS))])
+        h2, _, _ = bb.forward(rest, cache, lens - first)
+    for b, n in enumerate(lens.tolist()):
+        P = ids.shape[1]
+        f = int(first[b])
+        got = torch.cat([h1[b, :f], h2[b, : n - f]]) @ bb.lm_head_weight.t()
+        torch.testing.assert_close(got, want[b, P - n:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_greedy_equals_transformers_generate(arch):
+    model = tiny_model(arch)
+    ids, mask = left_pad(PROMPTS)
+    want = hf_greedy(model, ids, mask, 24, eos=7)
+    got = clp_fast.generate(model, ids, attention_mask=mask, max_new_tokens=24, mode="greedy", eos_token_id=7,
+                            pad_token_id=0)
+    assert_equal_ids(got, want)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("corrupt_every", [2, 5, 10**9])
+def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, monkeypatch):
+    model = tiny_model(arch)
+    ids, mask = left_pad(PROMPTS)
+    want = hf_greedy(model, ids, mask, 30)
+    seqs = [want[b][mask[b].bool().tolist() + [True] * 30].tolist() for b in range(len(PROMPTS))]
+    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every))
+    got, stats = clp_fast.generate(model, ids, random_heads(model, 4), attention_mask=mask, max_new_tokens=30,
+                                   mode="lossless", eos_token_id=[], pad_token_id=0, return_stats=True)
+    assert_equal_ids(got, want)
+    assert stats.new_tokens == [30] * 4
+    assert sum(stats.accept_hist[1:]) > 0, stats.accept_hist  # some guesses were accepted ...
+    if corrupt_every < 10**9:
+        assert sum(stats.accept_hist[:-1]) > 0, stats.accept_hist  # ... and some cut short
+    else:
+        assert stats.tau > 3.0
+
+
+def test_clp_mode_takes_guesses_unverified(monkeypatch):
+    model = tiny_model("qwen2")
+    ids, mask = left_pad(PROMPTS)
+    want = hf_greedy(model, ids, mask, 20)
+    seqs = [want[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
+    heads = random_heads(model, 3)
+    # right guesses: clp output equals greedy with fewer forwards
+    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
+    got, stats = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode="clp",
+                                   eos_token_id=[], pad_token_id=0, clp_threshold=0.5, return_stats=True)
+    assert_equal_ids(got, want)
+    assert stats.forward_passes <= 6  # ceil(20 / 4) + prefill
+    # wrong guesses are accepted too: that is what distinguishes clp from lossless
+    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 2))
+    got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode="clp", eos_token_id=[],
+                            pad_token_id=0, clp_threshold=0.5)
+    assert not torch.equal(got, want)
+    # threshold 1.0 (never sure) takes no guesses: greedy again
+    got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode="clp", eos_token_id=[],
+                            pad_token_id=0, clp_threshold=1.0)
+    assert_equal_ids(got, want)
+
+
+def test_gate_policy_runs_in_clp_mode():
+    model = tiny_model("qwen2")
+    heads = MTPHeads.for_model(model, 2, with_gate=True)
+    with torch.no_grad():
+        heads.gate.net[2].bias.fill_(-5.0)  # the gate never accepts: output must be greedy's
+    ids, mask = left_pad(PROMPTS)
+    got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=12, mode="clp", policy="gate",
+                            eos_token_id=[], pad_token_id=0)
+    assert_equal_ids(got, hf_greedy(model, ids, mask, 12))
+    assert heads.num_parameters_report()["gate"] > 100_000
+
+
+@pytest.mark.parametrize("mode", ["greedy", "lossless"])
+def test_each_batched_row_equals_that_row_alone_with_eos(mode):
+    model = tiny_model("qwen2")
+    heads = random_heads(model, 3)
+    ids, mask = left_pad(PROMPTS)
+    eos = hf_greedy(model, ids, mask, 20)[0, ids.shape[1] + 6].item()  # row 0 stops early at its 7th token
+    batched = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode=mode,
+                                eos_token_id=eos, pad_token_id=0)
+    assert_equal_ids(batched, hf_greedy(model, ids, mask, 20, eos=eos))
+    P = ids.shape[1]
+    for b, row in enumerate(PROMPTS):
+        alone = clp_fast.generate(model, torch.tensor([row]), heads, max_new_tokens=20, mode=mode,
+                                  eos_token_id=eos, pad_token_id=0)[0, len(row):]
+        got = batched[b, P:P + alone.shape[0]]
+        assert_equal_ids(got, alone)
+        assert (batched[b, P + alone.shape[0]:] == 0).all()  # finished rows are padded
+
+
+def test_stats_are_consistent():
+    model = tiny_model("qwen2")
+    heads = random_heads(model, 3)
+    ids, mask = left_pad(PROMPTS)
+    _, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=15, mode="clp",
+                              eos_token_id=[], return_stats=True)
+    assert st.new_tokens == [15] * 4
+    # every row: 1 token per step + its accepted guesses
+    emitted = sum(h * (m + 1) for m, h in enumerate(st.accept_hist))
+    assert 4 * 15 <= emitted <= 4 * 15 + 4 * 3  # only a row's last step may be cut by the budget
+    assert st.tau == pytest.approx(sum(15 / f for f in st.row_forwards) / 4)
+    d = st.to_dict()
+    assert d["tokens_per_s"] > 0 and d["forward_passes"] == st.forward_passes
+
+
+# --------------------------------------------------------------------------- real model (SmolLM2)
+def test_smollm2_lossless_equals_transformers_greedy_fp32(smollm2):
+    model, tok = smollm2
+    heads = MTPHeads.for_model(model, 3)
+    with torch.no_grad():
+        heads.weight.normal_(std=0.02)
+    texts = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+             "The capital of France is",
+             "import os\nimport sys\n\ndef main():\n",
+             "# Sort a list of integers in place\ndef bubble_sort(xs):"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    ids, mask = left_pad(rows, pad=tok.pad_token_id or 0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=pad)
+    got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=24, mode="lossless",
+                            pad_token_id=pad)
+    assert_equal_ids(got, want)
+    single = clp_fast.generate(model, torch.tensor([rows[0]]), heads, max_new_tokens=24, mode="lossless")
+    assert_equal_ids(single, model.generate(torch.tensor([rows[0]]), max_new_tokens=24, do_sample=False,
+                                            pad_token_id=pad))
+
+
+def test_fused_heads_logits_match_lm_head(tiny_qwen2):
+    """The engine's draft step uses the model's own LM head: column 0 is transformers' argmax."""
+    bb = NativeBackbone(tiny_qwen2)
+    h = torch.randn(5, 96)
+    ids, _, _ = decode._draft(bb, None, h, "greedy", "clp", 0.5)
+    assert_equal_ids(ids[:, 0], F.linear(h, tiny_qwen2.lm_head.weight).argmax(-1))

@@ -1,0 +1,329 @@
+"""Triton kernels (``kernels/``) against their PyTorch twins in ``clp_fast.reference``.
+
+On a CPU-only machine the kernels run under Triton's interpreter: ``TRITON_INTERPRET`` must be set before
+Triton is imported, hence the assignment above the imports. The kernels are called directly
+(``kernels.fused_heads.fused_heads``), so the Triton path is exercised whatever the backend default.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from conftest import first_mismatch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from clp_fast import backend, reference  # noqa: E402
+from kernels import fused_heads as fh_mod  # noqa: E402
+from kernels import kv_commit as kv_mod  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (atol, rtol) on confidences, and why.
+CONF_TOL = {
+    # Same fp32 math, another summation order over H and over the vocabulary splits.
+    torch.float32: (1e-6, 1e-5),
+    # Logits are rounded to bf16/fp16 in both, so they mostly agree bit for bit; a head's z or a logit whose
+    # fp32 value sits on a rounding boundary can land one ulp away (bf16 ulp 2**-8, fp16 2**-11, relative).
+    torch.bfloat16: (1e-3, 2e-2),
+    torch.float16: (2e-4, 4e-3),
+}
+DTYPES = list(CONF_TOL)
+
+
+def make_inputs(R, H, V, k, dtype, *, plant=False, clp=True, clp_scale=1.0):
+    """Random fused_heads inputs on DEVICE; ``plant`` gives row r a clear winner token (see planted_targets)."""
+    hidden = torch.randn(R, H)
+    head_weight = torch.randn(k, H, H) * (0.5 / H**0.5)
+    head_bias = torch.randn(k, H) * 0.1
+    W = torch.randn(V, H) / H**0.5  # logits of order 1: non-trivial confidences
+    targets = None
+    if plant:
+        targets = torch.randperm(V)[:R]
+        # z_j = h + SiLU(small) stays close to h, so W[t_r] along h_r wins row r for every head by ~8 |h|.
+        W[targets] = 8.0 * hidden / hidden.norm(dim=1, keepdim=True)
+    clp_weight = clp_bias = None
+    if clp and k:
+        clp_weight = torch.randn(k, H + k) * clp_scale / H**0.5
+        clp_weight[:, H:] *= 4.0
+        clp_bias = torch.randn(k) * 0.5
+    to = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    args = (to(hidden), to(head_weight), to(head_bias), to(W), to(clp_weight), to(clp_bias))
+    return args, targets
+
+
+def ref_logits(hidden, head_weight, head_bias, W):
+    """Reference logits ``[R, k+1, V]``, only to judge near-ties; ids and conf come from reference.fused_heads."""
+    z = reference.head_hidden(hidden, head_weight, head_bias)
+    return F.linear(z.reshape(-1, z.shape[-1]), W).float().view(z.shape[0], z.shape[1], -1)
+
+
+def assert_ids_near_max(args, ids, ref_ids, max_frac=0.05):
+    """ids equal the reference's except at near-ties, which must be few and be within tol of the max."""
+    dtype = args[0].dtype
+    bad = (ids != ref_ids).nonzero()
+    if bad.numel() == 0:
+        return
+    logits = ref_logits(*args[:4])
+    eps = torch.finfo(dtype).eps
+    for r, j in bad.tolist():
+        row = logits[r, j]
+        tol = 4 * eps * max(1.0, row.max().abs().item())
+        assert row[ids[r, j]] >= row.max() - tol, f"({r}, {j}) is no near-tie: " + first_mismatch(ids, ref_ids)
+    assert bad.shape[0] <= max(1, max_frac * ids.numel()), first_mismatch(ids, ref_ids)
+
+
+def assert_conf_close(conf, ref_conf, dtype):
+    atol, rtol = CONF_TOL[dtype]
+    ok = torch.isclose(conf, ref_conf, atol=atol, rtol=rtol)
+    assert bool(ok.all()), first_mismatch(torch.where(ok, ref_conf, conf), ref_conf)
+
+
+def assert_accept_equal_off_threshold(args, accept, ref_conf, threshold, eps=1e-3):
+    """Accept lengths equal except where a CLP probability is within eps of the threshold."""
+    hidden, clp_weight, clp_bias = args[0], args[4], args[5]
+    lo = reference.clp_accept_lengths(hidden, ref_conf[:, 1:], clp_weight, clp_bias, threshold - eps)
+    hi = reference.clp_accept_lengths(hidden, ref_conf[:, 1:], clp_weight, clp_bias, threshold + eps)
+    ref = reference.clp_accept_lengths(hidden, ref_conf[:, 1:], clp_weight, clp_bias, threshold)
+    stable = lo == hi
+    assert torch.equal(accept[stable], ref[stable]), first_mismatch(accept[stable], ref[stable])
+    assert stable.float().mean() >= 0.7, f"only {int(stable.sum())} of {stable.numel()} rows off the threshold"
+
+
+SHAPES = [  # (R, H, V, k)
+    (1, 64, 1000, 0),
+    (3, 96, 1003, 3),
+    (17, 64, 1000, 1),
+    (3, 64, 1003, 8),
+    (1, 96, 1000, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("R,H,V,k", SHAPES)
+def test_fused_heads_random_matches_reference(R, H, V, k, dtype):
+    args, _ = make_inputs(R, H, V, k, dtype)
+    ids, conf, accept = fh_mod.fused_heads(*args, threshold=0.5)
+    ref_ids, ref_conf, ref_accept = reference.fused_heads(*args, threshold=0.5)
+    assert ids.dtype == torch.int64 and conf.dtype == torch.float32 and accept.dtype == torch.int64
+    assert ids.shape == conf.shape == (R, k + 1) and accept.shape == (R,)
+    assert_ids_near_max(args, ids, ref_ids)
+    assert_conf_close(conf, ref_conf, dtype)
+    if k:
+        assert_accept_equal_off_threshold(args, accept, ref_conf, 0.5)
+    else:
+        assert torch.equal(accept, ref_accept)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("R,H,V,k", [(3, 96, 1003, 3), (17, 64, 1000, 1), (5, 64, 1000, 8)])
+def test_fused_heads_planted_winners_and_ties(R, H, V, k, dtype):
+    """Clear winners must give torch.equal ids; a duplicated W row gives a bit-exact tie: lowest index wins."""
+    args, targets = make_inputs(R, H, V, k, dtype, plant=True)
+    W = args[3]
+    expected = targets.clone()
+    free = [v for v in range(V) if v not in set(targets.tolist())]
+    for r in range(R):
+        t = int(targets[r])
+        # Alternate the duplicate's place: far below (another split), just below (same tile), above.
+        if r % 3 == 0:
+            p = free[r]
+        elif r % 3 == 1:
+            p = max((v for v in free if v < t), default=free[0])
+        else:
+            p = min((v for v in free if v > t), default=free[-1])
+        free.remove(p)
+        W[p] = W[t]
+        expected[r] = min(p, t)
+    ids, conf, _ = fh_mod.fused_heads(*args)
+    ref_ids, ref_conf, _ = reference.fused_heads(*args)
+    assert torch.equal(ref_ids, expected[:, None].expand(R, k + 1).to(ref_ids.device)), "planting failed"
+    assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
+    assert_conf_close(conf, ref_conf, dtype)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
+def test_clp_decisions(threshold):
+    R, H, V, k = 33, 64, 1000, 4
+    args, _ = make_inputs(R, H, V, k, torch.float32, clp_scale=3.0)
+    ids, conf, accept = fh_mod.fused_heads(*args, threshold=threshold)
+    ref_ids, ref_conf, ref_accept = reference.fused_heads(*args, threshold=threshold)
+    assert len(set(ref_accept.tolist())) >= 3, "CLP weights give too few distinct decisions to test"
+    assert_accept_equal_off_threshold(args, accept, ref_conf, threshold)
+
+
+def test_no_clp_accepts_all_heads():
+    args, _ = make_inputs(3, 64, 1000, 3, torch.float32, clp=False)
+    _, _, accept = fh_mod.fused_heads(*args)
+    assert torch.equal(accept, reference.fused_heads(*args)[2])
+
+
+def test_nan_rows_policy(monkeypatch):
+    """A NaN hidden row gives NaN confidences (like the reference) and leaves other rows intact."""
+    args, targets = make_inputs(4, 64, 1000, 2, torch.float32, plant=True)
+    args[0][1, 5] = float("nan")
+    ids, conf, accept = fh_mod.fused_heads(*args)
+    ref_ids, ref_conf, ref_accept = reference.fused_heads(*args)
+    assert torch.equal(conf.isnan(), ref_conf.isnan()) and bool(conf[1].isnan().all())
+    keep = torch.tensor([0, 2, 3], device=ids.device)
+    assert torch.equal(ids[keep], ref_ids[keep]), first_mismatch(ids[keep], ref_ids[keep])
+    assert_conf_close(conf[keep], ref_conf[keep], torch.float32)
+    monkeypatch.setenv("CLP_FAST_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"row 1, head 0"):
+        fh_mod.fused_heads(*args)
+
+
+def test_bad_inputs_refused():
+    args, _ = make_inputs(2, 64, 1000, 2, torch.float32)
+    with pytest.raises(TypeError, match="lm_head_weight dtype"):
+        fh_mod.fused_heads(args[0], args[1], args[2], args[3].half())
+    with pytest.raises(ValueError, match="head_weight"):
+        fh_mod.fused_heads(args[0], args[1][:, :32], args[2], args[3])
+    with pytest.raises(ValueError, match="clp_weight"):
+        fh_mod.fused_heads(*args[:4], args[4][:, :-1], args[5])
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    R=st.integers(1, 6),
+    H=st.integers(16, 80),
+    V=st.integers(2, 700),
+    k=st.integers(0, 4),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_heads_fuzz(R, H, V, k, dtype, seed):
+    torch.manual_seed(seed)
+    R = min(R, V)  # one distinct planted winner per row
+    args, targets = make_inputs(R, H, V, k, dtype, plant=True)
+    ids, conf, accept = fh_mod.fused_heads(*args)
+    ref_ids, ref_conf, ref_accept = reference.fused_heads(*args)
+    assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
+    assert_conf_close(conf, ref_conf, dtype)
+    if k:
+        assert_accept_equal_off_threshold(args, accept, ref_conf, 0.5)
+
+
+def test_real_shape_qwen05b():
+    """Qwen2.5-0.5B LM head (V 151,936, H 896), R 4, k 4, bf16: ~2 s in the interpreter on 2 CPU cores."""
+    args, targets = make_inputs(4, 896, 151_936, 4, torch.bfloat16, plant=True)
+    t0 = time.perf_counter()
+    ids, conf, accept = fh_mod.fused_heads(*args)
+    elapsed = time.perf_counter() - t0
+    ref_ids, ref_conf, ref_accept = reference.fused_heads(*args)
+    assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
+    assert_conf_close(conf, ref_conf, torch.bfloat16)
+    assert_accept_equal_off_threshold(args, accept, ref_conf, 0.5)
+    assert elapsed < 60, f"real-shape case took {elapsed:.1f} s; mark it slow"
+
+
+# ---------------------------------------------------------------------------------------------- KV commit
+
+
+def _poisoned(shape, dtype, layout):
+    """A cache of NaNs (floats) with the requested memory layout: contiguous or max_len/KVH swapped."""
+    L, B, KVH, M, D = shape
+    if layout == "contiguous":
+        c = torch.empty(shape, dtype=dtype, device=DEVICE)
+    else:
+        c = torch.empty((L, B, M, KVH, D), dtype=dtype, device=DEVICE).transpose(2, 3)
+    return c.fill_(float("nan"))
+
+
+def _same(a, b):
+    """Equal including NaN positions."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("L,B,KVH,M,T,D", [(2, 3, 2, 12, 4, 24), (1, 5, 1, 9, 7, 64)])
+def test_commit_kv_span_matches_reference(L, B, KVH, M, T, D, layout, dtype):
+    shape = (L, B, KVH, M, D)
+    ck, cv = _poisoned(shape, dtype, layout), _poisoned(shape, dtype, layout)
+    ref_k, ref_v = ck.clone(), cv.clone()
+    before_k = ck.clone()
+    new_k = torch.randn(L, B, KVH, T, D, device=DEVICE).to(dtype)
+    new_v = torch.randn(L, B, KVH, T, D, device=DEVICE).to(dtype).transpose(3, 4).contiguous().transpose(3, 4)
+    lens = torch.randint(0, T + 1, (B,))
+    lens[0] = 0  # a row with nothing accepted must stay untouched
+    lens[-1] = T
+    offs = torch.stack([torch.randint(0, M - int(n) + 1, ()) for n in lens])
+    lens, offs = lens.to(DEVICE), offs.to(torch.int32).to(DEVICE)
+    kv_mod.commit_kv_span_(ck, cv, new_k, new_v, offs, lens)
+    reference.commit_kv_span_(ref_k, ref_v, new_k, new_v, offs, lens)
+    assert _same(ck, ref_k) and _same(cv, ref_v), first_mismatch(ck.nan_to_num(-1), ref_k.nan_to_num(-1))
+    assert _same(ck[:, 0], before_k[:, 0]), "zero-length row was written"
+    assert not ck.isnan().all(), "nothing was written"
+
+
+@pytest.mark.parametrize(
+    "offs,lens,match",
+    [([0, 9], [1, 2], "passes the cache's max_len"), ([0, 0], [5, 0], r"outside \[0, 4\]"), ([0, 0], [-1, 0], "outside")],
+)
+def test_commit_kv_span_refuses_out_of_range(offs, lens, match):
+    L, B, KVH, M, T, D = 1, 2, 1, 10, 4, 8
+    ck = torch.zeros(L, B, KVH, M, D, device=DEVICE)
+    cv = torch.zeros_like(ck)
+    new = torch.ones(L, B, KVH, T, D, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        kv_mod.commit_kv_span_(ck, cv, new, new, torch.tensor(offs, device=DEVICE), torch.tensor(lens, device=DEVICE))
+    assert not ck.any() and not cv.any(), "a refused call wrote to the cache"
+
+
+# ------------------------------------------------------------------------------------------ backend dispatch
+
+
+@pytest.mark.parametrize("choice", ["triton", "torch"])
+def test_backend_dispatch(monkeypatch, choice):
+    calls = []
+
+    def spy(name, impl):
+        def wrapped(*a, **kw):
+            calls.append(name)
+            return impl(*a, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(fh_mod, "fused_heads", spy("triton", fh_mod.fused_heads))
+    monkeypatch.setattr(reference, "fused_heads", spy("torch", reference.fused_heads))
+    monkeypatch.setattr(kv_mod, "commit_kv_span_", spy("triton", kv_mod.commit_kv_span_))
+    monkeypatch.setattr(reference, "commit_kv_span_", spy("torch", reference.commit_kv_span_))
+    monkeypatch.setenv("CLP_FAST_BACKEND", choice)
+    args, _ = make_inputs(2, 64, 1000, 1, torch.float32)
+    backend.fused_heads(*args)
+    cache = torch.zeros(1, 1, 1, 4, 8, device=DEVICE)
+    new = torch.ones(1, 1, 1, 2, 8, device=DEVICE)
+    one = torch.ones(1, dtype=torch.long, device=DEVICE)
+    backend.commit_kv_span_(cache, cache.clone(), new, new, one, one)
+    assert calls == [choice, choice]
+
+
+def test_backend_bogus_refused(monkeypatch):
+    monkeypatch.setenv("CLP_FAST_BACKEND", "bogus")
+    args, _ = make_inputs(1, 64, 1000, 1, torch.float32)
+    with pytest.raises(ValueError, match="bogus"):
+        backend.fused_heads(*args)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton, not the interpreter)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_heads_gpu_real_shapes(dtype):
+    for R, k in [(1, 3), (16, 4), (64, 2)]:
+        args, _ = make_inputs(R, 1536, 151_936, k, dtype, plant=True)
+        ids, conf, accept = fh_mod.fused_heads(*args)
+        ref_ids, ref_conf, _ = reference.fused_heads(*args)
+        assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
+        assert_conf_close(conf, ref_conf, dtype)
+        assert_accept_equal_off_threshold(args, accept, ref_conf, 0.5)
