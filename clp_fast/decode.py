@@ -20,6 +20,7 @@ import torch
 
 from clp_fast import backend
 from clp_fast.heads import MTPHeads
+from clp_fast.lookup import lookup_continuation
 from clp_fast.model import NativeBackbone, StaticKVCache
 
 __all__ = ["generate", "DecodeStats", "MODES"]
@@ -107,6 +108,21 @@ def _prefill(bb: NativeBackbone, cache: StaticKVCache, prompts: torch.Tensor, pr
     return _Step(ids[:, 0], ids[:, 1:], n)
 
 
+def _add_lookup(step: _Step, contexts: list[list[int]], width: int, active: torch.Tensor) -> _Step:
+    """Offer prompt-lookup guesses beside the heads' ones: a row takes the context's continuation
+    when it is longer than what its policy chose. ``step.drafts`` is widened to ``[B, width]``."""
+    B, k = step.drafts.shape
+    drafts = torch.cat([step.drafts, step.drafts.new_zeros((B, width - k))], dim=1) if width > k else step.drafts
+    n = step.n_drafts.clone()
+    pending = step.pending.tolist()
+    for b in active.nonzero().flatten().tolist():
+        guess = lookup_continuation(contexts[b] + [pending[b]], width)
+        if len(guess) > n[b]:
+            drafts[b, : len(guess)] = torch.tensor(guess, dtype=drafts.dtype)
+            n[b] = len(guess)
+    return _Step(step.pending, drafts, n)
+
+
 def _verify(ids: torch.Tensor, step: _Step, mode: str) -> torch.Tensor:
     """Number of guesses each row accepts ``[B]``.
 
@@ -137,7 +153,7 @@ def _emit(fed: torch.Tensor, n_fed: torch.Tensor, remaining: torch.Tensor, eos: 
 
 
 # --------------------------------------------------------------------------------------- checks
-def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold):
+def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold, prompt_lookup):
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
     if policy not in POLICIES:
@@ -171,8 +187,6 @@ def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, m
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
     if heads is not None:
-        if not isinstance(heads, MTPHeads):
-            raise TypeError(f"heads must be MTPHeads or None, got {type(heads).__name__}")
         heads.check_compatible(model)
         if heads.weight.device != bb.device:
             raise ValueError(f"heads are on {heads.weight.device} but the model is on {bb.device}")
@@ -180,6 +194,10 @@ def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, m
             raise ValueError("policy='gate' needs heads saved with a gate (with_gate=True)")
     elif mode != "greedy":
         raise ValueError(f"mode={mode!r} needs MTP heads (heads=None only works with mode='greedy')")
+    if isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, int) or not 0 <= prompt_lookup <= 32:
+        raise ValueError(f"prompt_lookup={prompt_lookup!r} must be an int in [0, 32]")
+    if prompt_lookup and mode != "lossless":
+        raise ValueError(f"prompt_lookup={prompt_lookup} needs mode='lossless' (its guesses must be verified)")
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"clp_threshold={threshold!r} must be a probability in [0, 1]")
 
@@ -207,6 +225,7 @@ def generate(
     pad_token_id: int | None = None,
     clp_threshold: float | None = None,
     policy: str = "clp",
+    prompt_lookup: int = 0,
     return_stats: bool = False,
 ):
     """Decode ``max_new_tokens`` tokens for each row of a (left-padded) batch.
@@ -223,6 +242,9 @@ def generate(
         pad_token_id: fills finished rows; None → the generation config's pad, else EOS, else 0.
         clp_threshold: acceptance probability; None → the heads' saved threshold for the mode.
         policy: ``"clp"`` (the CLP linear layer) or ``"gate"`` (the ~1M-parameter baseline).
+        prompt_lookup: lossless mode only: up to this many guesses copied from the context where
+            its last tokens occurred before (:mod:`clp_fast.lookup`), taken when longer than the
+            heads' guesses; 0 disables.
         return_stats: also return a :class:`DecodeStats`.
 
     Returns:
@@ -231,6 +253,10 @@ def generate(
         ``return_stats`` a tuple ``(ids, stats)``.
     """
     t0 = time.perf_counter()
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if heads is not None and not isinstance(heads, MTPHeads):
+        raise TypeError(f"heads must be MTPHeads or None, got {type(heads).__name__}")
     bb = NativeBackbone(model)
     if heads is None and mode != "greedy":
         from clp_fast.assets import default_heads_for
@@ -241,14 +267,15 @@ def generate(
     else:
         default_t = heads.thresholds.get(mode, 0.9) if heads is not None and mode != "greedy" else 0.5
     threshold = default_t if clp_threshold is None else clp_threshold
-    _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold)
+    _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold, prompt_lookup)
 
     dev = input_ids.device
     B, P = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     prompt_len = mask.sum(-1)  # [B]
     k = heads.k if (heads is not None and mode != "greedy") else 0
-    max_len = int(prompt_len.max()) + max_new_tokens + k + 1
+    width = max(k, prompt_lookup)  # the most guesses one row can feed in a step
+    max_len = int(prompt_len.max()) + max_new_tokens + width + 1
     if bb.max_positions is not None and int(prompt_len.max()) + max_new_tokens > bb.max_positions:
         raise ValueError(f"prompt length {int(prompt_len.max())} + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's context of {bb.max_positions} positions")
@@ -261,12 +288,15 @@ def generate(
     order = torch.sort(mask, dim=-1, descending=True, stable=True).indices  # real tokens first, order kept
     prompts = torch.gather(input_ids, 1, order)  # [B, P]
     cache = bb.allocate_cache(B, max_len)
-    stats = DecodeStats(mode=mode, accept_hist=[0] * (k + 1))
+    stats = DecodeStats(mode=mode, accept_hist=[0] * (width + 1))
 
     step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold)
+    contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
+    if prompt_lookup:
+        step = _add_lookup(step, contexts, width, torch.ones(B, dtype=torch.bool))
     stats.forward_passes = 1
     row_forwards = torch.ones(B, dtype=torch.long, device=dev)
-    out = torch.full((B, max_new_tokens + k + 1), pad_token_id, dtype=torch.long, device=dev)
+    out = torch.full((B, max_new_tokens + width + 1), pad_token_id, dtype=torch.long, device=dev)
     produced = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
 
@@ -309,6 +339,10 @@ def generate(
         done |= hit_eos & active | (produced >= max_new_tokens)
         rows = torch.arange(B, device=dev)
         step = _Step(ids[rows, m, 0], ids[rows, m, 1:], n_next[rows, m])
+        if prompt_lookup:
+            for b, c in enumerate(cnt.tolist()):
+                contexts[b] += fed[b, :c].tolist()
+            step = _add_lookup(step, contexts, width, ~done)
 
     gen = int(produced.max())
     result = torch.cat([input_ids.long(), out[:, :gen]], dim=1)

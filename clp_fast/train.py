@@ -67,7 +67,7 @@ class TrainConfig:
 
     k: int = 4
     max_tokens: int = 400_000  # teacher-forced tokens (the main data volume)
-    window: int = 384  # tokens per teacher-forced window
+    window: int = 256  # tokens per teacher-forced window
     skip_first: int = 16  # positions at a window's start with too little context to train on
     gen_prompts: int = 96  # greedy continuations used as training data
     heldout_prompts: int = 96  # greedy continuations from held-out files (accuracy, CLP, gate)
@@ -78,11 +78,12 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     ce_weight: float = 1.0
+    reg_weight: float = 0.1  # the logit-space MSE starts ~7x the CE (SmolLM2); 0.1 balances them
     ce_negatives: int = 512
     inconsistent_weight: float = 0.5
     clp_precision: float = 0.99
     with_gate: bool = True
-    prefill_batch: int = 8
+    prefill_batch: int = 16
     gen_batch: int = 16
     checkpoint_every: int = 200
     max_ram_gb: float = 4.0
@@ -220,8 +221,10 @@ def _prefill(bb, seqs: list[list[int]], L: int) -> tuple[torch.Tensor, torch.Ten
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     T = int(lens.max())
-    cache = bb.allocate_cache(n, 1)  # empty: the whole sequence is "new" (same math as decode's prefill)
-    hidden, _, _ = bb.forward(tokens[:, :T].to(bb.device), cache, lens.to(bb.device))  # [n, T, H]
+    mask = (torch.arange(T)[None] < lens[:, None]).long()
+    # transformers' own forward (same math as NativeBackbone's prefill): 1.2-1.4x faster here in bf16
+    # (SmolLM2, 16 x 128 tokens: 591 vs 420 tok/s on the shared 2-core CPU).
+    hidden = bb.inner(input_ids=tokens[:, :T].to(bb.device), attention_mask=mask.to(bb.device)).last_hidden_state
     hid = torch.zeros(n, L, hidden.shape[-1], dtype=hidden.dtype)
     hid[:, :T] = hidden.cpu()
     am = torch.zeros(n, L, dtype=torch.long)
@@ -437,7 +440,7 @@ def _train_loop(heads: MTPHeads, W: torch.Tensor, cfg: TrainConfig, cache: Path,
         pos = pos.clamp(max=len(cand) - 1)
         ce = F.cross_entropy(logits.reshape(-1, len(cand)), pos.flatten(), reduction="none").view_as(wts)
         loss_ce = (ce * wts).sum() / wsum
-        loss = loss_reg + cfg.ce_weight * loss_ce
+        loss = cfg.reg_weight * loss_reg + cfg.ce_weight * loss_ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -73,6 +73,16 @@ def _widen(x):
 
 
 @triton.jit
+def _load_or_zero(ptrs, mask):
+    """Masked load, masked lanes 0. bf16 goes through 16-bit integers: the same load on a GPU, but the
+    interpreter would otherwise convert the fp32 fill value 0.0 to bf16 over the whole tile in Python."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        return tl.load(ptrs.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.bfloat16, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _head_hidden_kernel(
     h_ptr,
     w_ptr,
@@ -104,9 +114,7 @@ def _head_hidden_kernel(
     mask_r = offs_r < R
     mask_n = offs_n < H
     mask_out = mask_r[:, None] & mask_n[None, :]
-    h_out = tl.load(
-        h_ptr + offs_r[:, None] * stride_hr + offs_n[None, :] * stride_hh, mask=mask_out, other=0.0
-    )
+    h_out = _load_or_zero(h_ptr + offs_r[:, None] * stride_hr + offs_n[None, :] * stride_hh, mask_out)
     z_ptrs = z_ptr + offs_r[:, None] * stride_zr + j * stride_zj + offs_n[None, :] * stride_zh
     if j == 0:
         tl.store(z_ptrs, h_out, mask=mask_out)
@@ -116,15 +124,13 @@ def _head_hidden_kernel(
         for c0 in range(0, H, BLOCK_K):
             offs_c = c0 + tl.arange(0, BLOCK_K)
             mask_c = offs_c < H
-            a = tl.load(
+            a = _load_or_zero(
                 h_ptr + offs_r[:, None] * stride_hr + offs_c[None, :] * stride_hh,
-                mask=mask_r[:, None] & mask_c[None, :],
-                other=0.0,
+                mask_r[:, None] & mask_c[None, :],
             )
-            w = tl.load(
+            w = _load_or_zero(
                 w_base + offs_n[:, None] * stride_wn + offs_c[None, :] * stride_wc,
-                mask=mask_n[:, None] & mask_c[None, :],
-                other=0.0,
+                mask_n[:, None] & mask_c[None, :],
             )
             if FP32_DOT:
                 # "ieee": TF32 would round the operands to 10 mantissa bits, far from the fp32 reference.
@@ -133,7 +139,7 @@ def _head_hidden_kernel(
                 # 16-bit products are exact in fp32, so this equals the reference's upcast-then-fp32 einsum
                 # up to summation order.
                 acc = tl.dot(a, tl.trans(w), acc)
-        bias = _widen(tl.load(b_ptr + (j - 1) * stride_bk + offs_n * stride_bn, mask=mask_n, other=0.0))
+        bias = _widen(_load_or_zero(b_ptr + (j - 1) * stride_bk + offs_n * stride_bn, mask_n))
         proj = acc + bias[None, :]
         z = _widen(h_out) + proj * tl.sigmoid(proj)
         tl.store(z_ptrs, _narrow(z, z_ptr.dtype.element_ty), mask=mask_out)
@@ -181,8 +187,8 @@ def _fused_heads_kernel(
         for k0 in range(0, H, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < H
-            a = tl.load(z_rows + offs_k[None, :] * stride_zh, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_rows + offs_k[None, :] * stride_wh, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            a = _load_or_zero(z_rows + offs_k[None, :] * stride_zh, mask_m[:, None] & mask_k[None, :])
+            w = _load_or_zero(w_rows + offs_k[None, :] * stride_wh, mask_v[:, None] & mask_k[None, :])
             if FP32_DOT:
                 acc = tl.dot(_widen(a), tl.trans(_widen(w)), acc, input_precision="ieee")
             else:
@@ -245,7 +251,7 @@ def _merge_clp_kernel(
     part = (r * K1 + offs_j)[:, None] * stride_pr + offs_s[None, :]
     pmax = tl.load(pmax_ptr + part, mask=mask, other=float("-inf"))
     parg = tl.load(parg_ptr + part, mask=mask, other=_INT32_MAX)
-    psum = tl.load(psum_ptr + part, mask=mask, other=0.0)
+    psum = _load_or_zero(psum_ptr + part, mask)
 
     # Padded rows (j > k) get a 0 maximum, not -inf, so that exp(-inf - max) stays a clean 0.
     row_max = tl.where(mask_j, tl.max(pmax, axis=1), 0.0)
@@ -266,23 +272,21 @@ def _merge_clp_kernel(
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < H
-            hv = _widen(tl.load(h_ptr + r * stride_hr + offs_h * stride_hh, mask=mask_h, other=0.0))
-            cw = tl.load(
+            hv = _widen(_load_or_zero(h_ptr + r * stride_hr + offs_h * stride_hh, mask_h))
+            cw = _load_or_zero(
                 cw_ptr + offs_j[:, None] * stride_cwk + offs_h[None, :] * stride_cwc,
-                mask=mask_i[:, None] & mask_h[None, :],
-                other=0.0,
+                mask_i[:, None] & mask_h[None, :],
             )
             acc += tl.sum(_widen(cw) * hv[None, :], axis=1)
         is_head = (offs_j >= 1) & mask_j
         # tl.where, not a multiply by a 0/1 mask: a NaN confidence (NaN logits) must not leak into other heads.
         head_conf = tl.where(is_head, conf, 0.0)
-        cw_conf = tl.load(
+        cw_conf = _load_or_zero(
             cw_ptr + offs_j[:, None] * stride_cwk + (H + offs_j - 1)[None, :] * stride_cwc,
-            mask=mask_i[:, None] & is_head[None, :],
-            other=0.0,
+            mask_i[:, None] & is_head[None, :],
         )
         acc += tl.sum(_widen(cw_conf) * head_conf[None, :], axis=1)
-        logit = acc + _widen(tl.load(cb_ptr + offs_j * stride_cb, mask=mask_i, other=0.0))
+        logit = acc + _widen(_load_or_zero(cb_ptr + offs_j * stride_cb, mask_i))
         ok = tl.sigmoid(logit) >= threshold
         accept = tl.min(tl.where(mask_i & (ok == 0), offs_j, k), axis=0)
     else:

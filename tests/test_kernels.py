@@ -212,8 +212,9 @@ def test_fused_heads_fuzz(R, H, V, k, dtype, seed):
         assert_accept_equal_off_threshold(args, accept, ref_conf, 0.5)
 
 
+@pytest.mark.slow  # ~23 s in the interpreter on 2 shared CPU cores (W alone is 136M weights)
 def test_real_shape_qwen05b():
-    """Qwen2.5-0.5B LM head (V 151,936, H 896), R 4, k 4, bf16: ~2 s in the interpreter on 2 CPU cores."""
+    """Qwen2.5-0.5B LM head (V 151,936, H 896), R 4, k 4, bf16: the vocabulary-split and int64 paths at scale."""
     args, targets = make_inputs(4, 896, 151_936, 4, torch.bfloat16, plant=True)
     t0 = time.perf_counter()
     ids, conf, accept = fh_mod.fused_heads(*args)
@@ -222,7 +223,7 @@ def test_real_shape_qwen05b():
     assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
     assert_conf_close(conf, ref_conf, torch.bfloat16)
     assert_accept_equal_off_threshold(args, accept, ref_conf, 0.5)
-    assert elapsed < 60, f"real-shape case took {elapsed:.1f} s; mark it slow"
+    assert elapsed < 120, f"real-shape case took {elapsed:.1f} s in the interpreter"
 
 
 # ---------------------------------------------------------------------------------------------- KV commit
