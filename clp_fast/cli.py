@@ -133,14 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object with token ids, text and stats")
     g.set_defaults(func=cmd_generate)
 
-    try:
-        from clp_fast.train import add_train_arguments, run_train
-    except ImportError:  # training needs nothing extra; this only guards a partial install
-        add_train_arguments = None
-    if add_train_arguments is not None:
-        t = sub.add_parser("train", help="train MTP heads + CLP by self-distillation")
-        add_train_arguments(t)
-        t.set_defaults(func=run_train)
+    from clp_fast.train import add_train_arguments, run_train
+
+    t = sub.add_parser("train", help="train MTP heads + CLP by self-distillation")
+    add_train_arguments(t)
+    t.set_defaults(func=run_train)
     return p
 
 

@@ -57,11 +57,12 @@ def test_fused_heads_matches_naive_loop(R, H, V, k, dtype):
     assert_equal_ids(got[2], want[2])
 
 
-def test_fused_heads_ties_go_to_lowest_index():
-    H, V = 16, 50
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_heads_ties_go_to_lowest_index(dtype):
+    H, V = 16, 5000
     W = torch.randn(V, H)
-    W[40] = W[7]  # bit-identical logits for tokens 7 and 40
-    hidden = W[7:8] * 10  # token 7 (and its twin 40) win
+    W[4040] = W[7]  # bit-identical logits for tokens 7 and 4040
+    W, hidden = W.to(dtype), (W[7:8] * 2).to(dtype)  # token 7 (and its twin 4040) win
     ids, conf, _ = reference.fused_heads(hidden, torch.zeros(2, H, H), torch.zeros(2, H), W)
     assert ids.tolist() == [[7, 7, 7]]
     assert conf[0, 0] < 0.5 + 1e-6  # two equal maxima share the mass

@@ -24,7 +24,7 @@ def default_heads_for(model):
     from clp_fast.heads import MTPHeads, lm_head_fingerprint
 
     fp = lm_head_fingerprint(model.get_output_embeddings().weight)
-    for name, folder in shipped_heads().items():
+    for folder in shipped_heads().values():
         if json.loads((folder / "config.json").read_text()).get("lm_head_fingerprint") == fp:
             return MTPHeads.from_pretrained(folder, model=model, device=model.get_output_embeddings().weight.device)
     raise ValueError(

@@ -1,0 +1,240 @@
+"""Tests of clp_fast.train on a tiny random Qwen2 model (fast), plus one check of the shipped SmolLM2 heads."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clp_fast import reference, train
+from clp_fast.data import stdlib_dir
+from clp_fast.heads import MTPHeads
+
+ASSETS = Path(train.__file__).parent / "assets" / "heads"
+
+# Small enough for seconds per run; max_ram_gb this low forces ~4 sequences per shard, so every run
+# crosses shard boundaries (the disk-full and resume tests need several shards).
+TINY = dict(k=3, max_tokens=1600, window=48, skip_first=4, gen_prompts=4, heldout_prompts=8, gen_new_tokens=8,
+            prompt_chars=160, batch_size=64, epochs=2, checkpoint_every=5, prefill_batch=8, gen_batch=8,
+            max_ram_gb=0.0003, stdlib=False, exclude=[], progress=False)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (< 256 < the tiny vocab of 1000)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return list(text.encode("utf-8"))
+
+
+def tiny_model(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, initializer_range=0.3,
+                      max_position_embeddings=512)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return [str(stdlib_dir() / "json")]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(0)
+
+
+def _run(model, tmp: Path, name: str, corpus, **kw):
+    opts = {**TINY, **kw}
+    return train.train_heads(model, tmp / name, tokenizer=ByteTokenizer(), corpus=corpus,
+                             cache_dir=tmp / f"{name}-cache", **opts)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, model, corpus):
+    """One uninterrupted run, shared by the tests that compare against it."""
+    tmp = tmp_path_factory.mktemp("ref")
+    heads = _run(model, tmp, "out", corpus)
+    return tmp / "out", heads
+
+
+def _first_mismatch(a: torch.Tensor, b: torch.Tensor) -> str:
+    diff = (a != b).nonzero()
+    return "equal" if len(diff) == 0 else f"first mismatch at {diff[0].tolist()}: {a[tuple(diff[0])]} vs {b[tuple(diff[0])]}"
+
+
+def _assert_same_heads(a: MTPHeads, b: MTPHeads) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), f"{name}: {_first_mismatch(sa[name], sb[name])}"
+    assert a.thresholds == b.thresholds
+
+
+# ---------------------------------------------------------------------------------------- training
+def test_training_lowers_the_loss(reference_run):
+    out, heads = reference_run
+    card = json.loads((out / "training_card.json").read_text())
+    hist = card["training"]["loss_history"]  # [step, loss, reg, ce]
+    assert hist[0][0] == 1 and hist[-1][0] == card["training"]["steps"]
+    assert hist[-1][1] < 0.8 * hist[0][1], hist
+    assert heads.weight.abs().sum() > 0  # zero-initialised heads moved
+    for name in ("heads.safetensors", "config.json", "training_card.json", "training_card.md", "clp_metrics.json"):
+        assert (out / name).is_file(), name
+    assert not (out / train.RUN_MARKER).exists()
+    assert 0.0 < heads.thresholds["clp"] <= 1.0 and heads.thresholds["lossless"] == 0.0
+    assert heads.gate is not None and "gate" in card["results"]["policies"]
+    assert len(card["results"]["head_top1"]) == 3
+
+
+def test_training_beats_untrained_heads_on_held_out_data(reference_run, model):
+    """Trained heads predict the backbone's own later tokens better than zero heads (which echo the
+    next token) on the held-out greedy continuations, scored through the LM head."""
+    out, heads = reference_run
+    card = json.loads((out / "training_card.json").read_text())
+    zero = MTPHeads.for_model(model, heads.k)
+    W = model.get_output_embeddings().weight.detach()
+    feats = train._heldout_features(zero, W, out.parent / "out-cache", heads.k, progress=False)
+    base = train._head_accuracy(feats)
+    trained = card["results"]["head_top1"]
+    assert sum(trained) > sum(base), (trained, base)
+
+
+def test_save_load_round_trip_is_exact(reference_run, model, tmp_path):
+    out, heads = reference_run
+    saved = load_file(str(out / "heads.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in saved.values())
+    for name, t in heads.state_dict().items():
+        assert torch.equal(t, saved[name].float()), name
+    heads.save_pretrained(tmp_path / "again")
+    again = MTPHeads.from_pretrained(tmp_path / "again", model=model)
+    _assert_same_heads(heads, again)
+    h = torch.randn(5, 96)
+    a = reference.fused_heads(h, heads.weight, heads.bias, model.lm_head.weight, heads.clp.linear.weight,
+                              heads.clp.linear.bias, heads.thresholds["clp"])
+    b = reference.fused_heads(h, again.weight, again.bias, model.lm_head.weight, again.clp.linear.weight,
+                              again.clp.linear.bias, again.thresholds["clp"])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_same_seed_same_heads(reference_run, model, corpus, tmp_path):
+    _, heads = reference_run
+    _assert_same_heads(heads, _run(model, tmp_path, "twin", corpus))
+
+
+def test_resume_after_interrupt_equals_uninterrupted(reference_run, model, corpus, tmp_path, monkeypatch):
+    _, ref = reference_run
+
+    def interrupt(step):
+        if step == 7:  # after the checkpoint at step 5: steps 6-7 are redone on resume
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, tmp_path, "out", corpus)
+    assert (tmp_path / "out-cache" / train.CKPT_NAME).is_file()
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="--resume"):
+        _run(model, tmp_path, "out", corpus)
+    _assert_same_heads(ref, _run(model, tmp_path, "out", corpus, resume=True))
+
+
+# --------------------------------------------------------------------------------------- bad input
+def test_missing_corpus_path_is_named(model, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match="nowhere"):
+        _run(model, tmp_path, "out", [str(missing)])
+
+
+def test_empty_corpus_file_is_named(model, tmp_path):
+    empty = tmp_path / "empty.py"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.py"):
+        _run(model, tmp_path, "out", [str(empty)])
+
+
+def test_corpus_smaller_than_one_batch(model, tmp_path):
+    small = tmp_path / "small.py"
+    small.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(12)))
+    with pytest.raises(ValueError, match="one batch"):
+        _run(model, tmp_path, "out", [str(small)], batch_size=100_000)
+
+
+def test_existing_output_folder_needs_resume_or_overwrite(model, corpus, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _run(model, tmp_path, "out", corpus)
+
+
+def test_disk_full_while_writing_a_shard(reference_run, model, corpus, tmp_path, monkeypatch):
+    _, ref = reference_run
+    real = train._save_tensors
+    calls = []
+
+    def full_disk(tensors, path):
+        calls.append(path)
+        if len(calls) == 3:
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(train, "_save_tensors", full_disk)
+    with pytest.raises(OSError, match="disk full") as info:
+        _run(model, tmp_path, "out", corpus)
+    assert info.value.errno == errno.ENOSPC
+    shards = sorted((tmp_path / "out-cache" / "tf").glob("shard-*.safetensors"))
+    assert len(shards) == 2
+    for s in shards:
+        load_file(str(s))  # intact
+    assert not list((tmp_path / "out-cache" / "tf").glob(".*tmp*"))
+    monkeypatch.undo()
+    _assert_same_heads(ref, _run(model, tmp_path, "out", corpus, resume=True))
+
+
+def test_resume_with_another_backbone_is_refused(model, corpus, tmp_path, monkeypatch):
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, tmp_path, "out", corpus)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="another backbone"):
+        _run(tiny_model(seed=1), tmp_path, "out", corpus, resume=True)
+
+
+def test_unknown_option_is_a_type_error(model, corpus, tmp_path):
+    with pytest.raises(TypeError, match="bacth_size"):
+        _run(model, tmp_path, "out", corpus, bacth_size=3)
+
+
+# ---------------------------------------------------------------------------------- shipped heads
+def test_shipped_smollm2_heads_speed_up_lossless_decoding():
+    from clp_fast.data import humaneval_prompts
+    from clp_fast.hub import clp_home, is_fetched, load_model
+
+    name = "smollm2-135m-instruct"
+    if not is_fetched(name):
+        pytest.fail(f"{name} is not fetched under {clp_home() / 'models'}; run `make test` (which fetches it) or "
+                    f"`python -c \"import clp_fast.hub as h; h.fetch('{name}')\"` first")
+    folder = ASSETS / name
+    assert (folder / "config.json").is_file(), f"no shipped heads at {folder}"
+    model, tok = load_model(name, dtype="bf16")
+    heads = MTPHeads.from_pretrained(folder, model=model)
+    res = train.evaluate_heads(model, heads, humaneval_prompts(3), tokenizer=tok, max_new_tokens=64)
+    assert res["lossless_tau"] > 1.5, res
+    assert res["lossless_equal_greedy"] >= 2 / 3, res
