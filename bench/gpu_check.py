@@ -6,7 +6,7 @@
 3. ``triton.testing.do_bench`` medians: fused kernel vs naive (k+1 separate ``F.linear``) vs single GEMM
    (the reference) at R in {1, 4, 16, 64}, k in {2, 3, 4}; the commit kernel vs the reference's per-row
    copies. Targets: fused >= 85% of copy bandwidth at R <= 16; >= 4x faster than naive at k = 3.
-4. End-to-end decode-step timing, if ``clp_fast.generate`` is importable (a hook the lead wires).
+4. End-to-end decode-step timing at the 0.5B/1.5B shapes with random weights: greedy vs lossless step cost.
 
 Writes ``gpu_check-<time>.json`` to ``$OUT`` if set, else ``bench/results/``. ``GPU_CHECK_TINY=1`` runs tiny
 shapes (on CPU under ``TRITON_INTERPRET=1`` when there is no GPU) so CI can check this script itself.
@@ -33,6 +33,7 @@ if not torch.cuda.is_available():
     if not TINY:
         sys.exit("gpu_check: no CUDA device; set GPU_CHECK_TINY=1 to run the tiny CPU (interpreter) variant")
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, below
+    os.environ.setdefault("CLP_FAST_BACKEND", "triton")  # so the tiny end-to-end decode runs the kernels too
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -169,12 +170,13 @@ def perf(copy_gbps) -> list[dict]:
             for R in RS:
                 for k in KS:
                     a = (hidden_all[:R], hw_all[:k], hb_all[:k], W)
-                    t_f = bench(lambda: fused_heads(*a))
-                    t_n = bench(lambda: naive(*a))
-                    t_g = bench(lambda: reference.fused_heads(*a))
+                    t_f = bench(lambda a=a: fused_heads(*a))
+                    t_n = bench(lambda a=a: naive(*a))
+                    t_g = bench(lambda a=a: reference.fused_heads(*a))
                     pct = 100 * (w_bytes + (k * H * H * W.element_size())) / t_f / 1e6 / copy_gbps
                     row = dict(bench="fused_heads", shape=name, H=H, V=V, R=R, k=k, dtype=dname, fused_ms=t_f,
-                               naive_ms=t_n, gemm_ms=t_g, pct_copy_bw=pct, x_naive=t_n / t_f, x_gemm=t_g / t_f)  # fmt: skip
+                               naive_ms=t_n, gemm_ms=t_g, pct_copy_bw=pct,
+                               x_naive=t_n / t_f, x_gemm=t_g / t_f)  # fmt: skip
                     flags = []
                     if R <= 16 and pct < 85:
                         flags.append("MISS bw<85%")
@@ -188,14 +190,54 @@ def perf(copy_gbps) -> list[dict]:
     return rows
 
 
-def e2e_hook() -> dict:
-    try:
-        from clp_fast import generate  # noqa: F401
-    except ImportError as exc:
-        print(f"E2E skipped: clp_fast.generate is not importable ({exc}); the lead wires the decode-step timing")
-        return dict(bench="e2e", status=f"skipped: {exc}")
-    print("E2E not wired: clp_fast.generate imports, but no model weights are on this machine; the lead wires it")
-    return dict(bench="e2e", status="not wired")
+E2E_SHAPES = {  # Qwen2.5 decoder shapes; random weights (no model weights travel to the device)
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151_936),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151_936),
+}
+
+
+def e2e_hook() -> list[dict]:
+    """Decode-step cost with random weights at real shapes: greedy vs lossless (k = 3, every guess
+    verified), through ``clp_fast.generate`` and so through the Triton kernels on CUDA."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import clp_fast
+    from clp_fast.heads import MTPHeads
+
+    shapes = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1000)} if TINY else E2E_SHAPES
+    new_tokens, dtype = (4, torch.float32) if TINY else (64, torch.bfloat16)
+    rows = []
+    for name, shape in shapes.items():
+        cfg = Qwen2Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True)
+        with torch.device(DEV):
+            model = Qwen2ForCausalLM(cfg).to(dtype).eval()
+            heads = MTPHeads.for_model(model, 3).to(DEV)
+        with torch.no_grad():
+            heads.clp.linear.bias.fill_(5.0)  # take every guess: the widest verify step
+        prompt = torch.randint(0, cfg.vocab_size, (1, 128), device=DEV)
+        res = {}
+        for mode in ("greedy", "lossless"):
+            clp_fast.generate(model, prompt, heads, max_new_tokens=4, mode=mode, eos_token_id=[])  # warm-up/compile
+            if DEV.type == "cuda":
+                torch.cuda.synchronize()
+            out, st = clp_fast.generate(model, prompt, heads, max_new_tokens=new_tokens, mode=mode, eos_token_id=[],
+                                        return_stats=True)
+            if DEV.type == "cuda":
+                torch.cuda.synchronize()
+            res[mode] = (out, st)
+            step_ms = st.wall_time_s / st.forward_passes * 1e3
+            print(f"E2E {name:>13} {mode:>8}: {st.forward_passes} forwards, {step_ms:.2f} ms/forward, "
+                  f"tau {st.tau:.2f}, {sum(st.new_tokens) / st.wall_time_s:.1f} tok/s")
+            rows.append(dict(bench="e2e", shape=name, mode=mode, forwards=st.forward_passes, ms_per_forward=step_ms,
+                             tau=st.tau, tokens_per_s=sum(st.new_tokens) / st.wall_time_s))
+        same = torch.equal(res["greedy"][0], res["lossless"][0])
+        print(f"E2E {name:>13} lossless == greedy: {same} ({dtype}; bf16 near-tie flips are possible)")
+        rows.append(dict(bench="e2e-match", shape=name, equal=same, dtype=str(dtype)))
+        del model, heads
+    return rows
 
 
 def main() -> int:
@@ -220,7 +262,7 @@ def main() -> int:
     print(f"CORRECTNESS {'PASS' if all_ok else 'FAIL'} ({sum('ok' in r for r in rows)} checks)")
 
     rows += perf(copy_gbps)
-    rows.append(e2e_hook())
+    rows += e2e_hook()
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_check-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"

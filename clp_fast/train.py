@@ -286,7 +286,7 @@ def _build_data(model, bb, plan: dict, cfg: TrainConfig, cache: Path, progress: 
                         full.append(p + c)
                         starts.append(min(cfg.skip_first, len(p) - 1))
                         gstarts.append(len(p) - 1)  # from here on, every target is the backbone's own greedy
-            hid_parts, am_parts = [], []
+            hid_parts = []
             # longest first so that each prefill batch pads little
             order = sorted(range(len(full)), key=lambda i: -len(full[i]))
             for b in range(0, len(order), cfg.prefill_batch):
@@ -445,11 +445,11 @@ def _train_loop(heads: MTPHeads, W: torch.Tensor, cfg: TrainConfig, cache: Path,
         loss.backward()
         opt.step()
         step += 1
-        lv = float(loss)
+        lv = float(loss.detach())
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         if step == 1 or step % 25 == 0 or step == len(steps):
-            history.append([step, lv, float(loss_reg), float(loss_ce)])
-            bar.set_postfix(loss=f"{ema:.3f}", reg=f"{float(loss_reg):.3f}", ce=f"{float(loss_ce):.3f}")
+            history.append([step, lv, float(loss_reg.detach()), float(loss_ce.detach())])
+            bar.set_postfix(loss=f"{ema:.3f}", reg=f"{history[-1][2]:.3f}", ce=f"{history[-1][3]:.3f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 and step < len(steps):
             _atomic_torch_save({"weight": heads.weight.detach().clone(), "bias": heads.bias.detach().clone(),
@@ -570,8 +570,8 @@ def _train_policies(heads: MTPHeads, feats: dict, cfg: TrainConfig, progress: bo
     thr = _pick_threshold(p_clp, y[is_val], cfg.clp_precision)
     out = {"rows_fit": int(tr.sum()), "rows_val": int(is_val.sum()),
            "base_rates": y[is_val].mean(0).tolist(),
-           "clp": {"threshold": thr, "target_precision": cfg.clp_precision, "per_depth": _pr_table(p_clp, y[is_val], thr),
-                   "at_0.5": _pr_table(p_clp, y[is_val], 0.5)}}
+           "clp": {"threshold": thr, "target_precision": cfg.clp_precision,
+                   "per_depth": _pr_table(p_clp, y[is_val], thr), "at_0.5": _pr_table(p_clp, y[is_val], 0.5)}}
     heads.thresholds["clp"] = thr
     # Lossless: the accepted count is the longest verified prefix of the drafted guesses, so drafting more
     # never accepts fewer; verifying k+1 tokens costs about what 1 does on this CPU (FINDINGS) -> draft all.
@@ -605,20 +605,22 @@ def _chain(feats: dict) -> list[float]:
 
 # -------------------------------------------------------------------------------------- outputs
 def _card_md(card: dict) -> str:
-    d, r = card["data"], card["results"]
+    d, r, c = card["data"], card["results"], card["config"]
+    budget = f", budget {card['budget']}" if card.get("budget") else ""
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [f"# MTP heads for {card['backbone']}", "",
              f"k = {card['config']['k']}, trained by `clp_fast.train` on {card['date']} "
-             f"({card['wall_time_s'] / 60:.1f} min wall, 2-core CPU{', budget ' + card['budget'] if card.get('budget') else ''}).",
+             f"({card['wall_time_s'] / 60:.1f} min wall, 2-core CPU{budget}).",
              "", "## Data", "",
              f"- corpus: {d['corpus']} ({d['files']['train']} training files, {d['files']['heldout']} held-out files); "
              "HumanEval function names excluded.",
              f"- teacher-forced windows: {d['tf_sequences']} × ≤{card['config']['window']} tokens "
              f"({d['tf_tokens']} tokens); greedy-consistent target fraction per head: "
              + " / ".join(f"{x:.2f}" for x in d["consistent_fraction"]),
-             f"- greedy continuations (training): {d['gen_sequences']} prompts × {card['config']['gen_new_tokens']} tokens",
+             f"- greedy continuations (training): {d['gen_sequences']} prompts × {c['gen_new_tokens']} tokens",
              f"- held-out greedy continuations: {d['heldout_sequences']} prompts ({r['heldout_positions']} positions)",
              f"- training positions per epoch: {card['training']['positions_per_epoch']}; "
-             f"steps: {card['training']['steps']} (batch {card['config']['batch_size']}, {card['config']['epochs']} epochs)",
+             f"steps: {card['training']['steps']} (batch {c['batch_size']}, {c['epochs']} epochs)",
              "", "## Held-out results", "",
              "| head | top-1 | P(heads 1..j all right) |", "|---|---|---|"]
     for j, (a, c) in enumerate(zip(r["head_top1"], r["chain"]), 1):
@@ -633,8 +635,7 @@ def _card_md(card: dict) -> str:
     if "gate" in r["policies"]:
         g = r["policies"]["gate"]
         lines += ["", f"Gate baseline threshold {g['threshold']:.4f}: precision/recall per depth "
-                  + ", ".join(f"{x['precision'] if x['precision'] is None else round(x['precision'], 3)}/"
-                              f"{x['recall'] if x['recall'] is None else round(x['recall'], 3)}" for x in g["per_depth"])]
+                  + ", ".join(f"{fmt(x['precision'])}/{fmt(x['recall'])}" for x in g["per_depth"])]
     lines += ["", "## Stage wall times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in card["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
 
@@ -741,7 +742,11 @@ def train_heads(
     cache = Path(cache_dir) if cache_dir else _default_cache(out_dir)
     if overwrite:
         shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)
+    if not resume:  # a fresh run never reuses a stale cache (only our own files are removed)
+        for name in ("run.json", PLAN_NAME, CKPT_NAME):
+            (cache / name).unlink(missing_ok=True)
+        for kind in KINDS:
+            shutil.rmtree(cache / kind, ignore_errors=True)
 
     # corpus errors first: they need no model
     from clp_fast.data import iter_corpus_files
@@ -777,8 +782,6 @@ def train_heads(
     run_path = cache / "run.json"
     if run_path.is_file():
         prev = json.loads(run_path.read_text())
-        if not resume:
-            raise FileExistsError(f"training cache {cache} holds another run; pass resume=True or overwrite=True")
         if prev["fingerprint"] != fingerprint or prev["vocab"] != W.shape[0] or prev["hidden"] != W.shape[1]:
             raise ValueError(f"cannot resume: the interrupted run in {cache} trained heads for another backbone "
                              f"(LM-head fingerprint {prev['fingerprint']}, [{prev['vocab']}, {prev['hidden']}]); this "
@@ -860,8 +863,6 @@ def train_heads(
     (cache / CKPT_NAME).unlink(missing_ok=True)
     if not keep_cache:
         shutil.rmtree(cache, ignore_errors=True)
-    else:
-        run_path.unlink(missing_ok=True)
     _log(f"wrote {out_dir} in {card['wall_time_s'] / 60:.1f} min; held-out head top-1 "
          + " / ".join(f"{a:.3f}" for a in card["results"]["head_top1"]), progress)
     return MTPHeads.from_pretrained(out_dir, model=model)

@@ -7,8 +7,9 @@ Twin of :func:`clp_fast.reference.fused_heads` (same signature, same outputs). T
    (house style: launchers do no math); it reads ``k * H * H`` head weights, e.g. 3.2M at Qwen2.5-0.5B
    with k = 4, 2.4% of the LM head's 136M, so it is not where the time goes.
 2. ``_fused_heads_kernel``: every ``R * (k + 1)`` row against one read of ``W [V, H]``, tiled over the
-   vocabulary, accumulated in fp32 and rounded to the input dtype like the reference; each program owns a contiguous vocabulary split and keeps an online max / argmax /
-   sum-exp per row, writing three small ``[rows, splits]`` partials. The ``[rows, V]`` logits never
+   vocabulary, accumulated in fp32 and rounded to the input dtype like the reference; each program owns
+   a contiguous vocabulary split and keeps an online max / argmax / sum-exp per row, writing three small
+   ``[rows, splits]`` partials. The ``[rows, V]`` logits never
    touch memory (at R = 16, k = 4 they would be 80 x 151,936 fp32 = 49 MB, 18% of W's bf16 bytes).
 3. ``_merge_clp_kernel``: one program per backbone row merges the splits (ties to the lowest index),
    writes ids and confidences, and applies the CLP layer (longest prefix with sigmoid >= threshold).

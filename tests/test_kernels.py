@@ -166,6 +166,7 @@ def test_no_clp_accepts_all_heads():
     assert torch.equal(accept, reference.fused_heads(*args)[2])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:All-NaN:RuntimeWarning")
 def test_nan_rows_policy(monkeypatch):
     """A NaN hidden row gives NaN confidences (like the reference) and leaves other rows intact."""
     args, targets = make_inputs(4, 64, 1000, 2, torch.float32, plant=True)
@@ -268,7 +269,11 @@ def test_commit_kv_span_matches_reference(L, B, KVH, M, T, D, layout, dtype):
 
 @pytest.mark.parametrize(
     "offs,lens,match",
-    [([0, 9], [1, 2], "passes the cache's max_len"), ([0, 0], [5, 0], r"outside \[0, 4\]"), ([0, 0], [-1, 0], "outside")],
+    [
+        ([0, 9], [1, 2], "passes the cache's max_len"),
+        ([0, 0], [5, 0], r"outside \[0, 4\]"),
+        ([0, 0], [-1, 0], "outside"),
+    ],
 )
 def test_commit_kv_span_refuses_out_of_range(offs, lens, match):
     L, B, KVH, M, T, D = 1, 2, 1, 10, 4, 8
@@ -328,3 +333,29 @@ def test_fused_heads_gpu_real_shapes(dtype):
         assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
         assert_conf_close(conf, ref_conf, dtype)
         assert_accept_equal_off_threshold(args, accept, ref_conf, 0.5)
+
+
+def test_lossless_decode_with_triton_backend_equals_torch_backend(monkeypatch):
+    """End to end on the tiny random Qwen2: the Triton kernels (interpreter on CPU) decode exactly
+    the tokens of the torch reference, with guesses accepted, cut short and rejected (ragged spans)."""
+    from test_decode import PROMPTS, OracleDrafts, random_heads
+
+    import clp_fast
+    from clp_fast import decode
+    from tests.conftest import left_pad, tiny_model
+
+    model = tiny_model("qwen2")
+    ids, mask = left_pad(PROMPTS)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    seqs = [want[b][mask[b].bool().tolist() + [True] * 12].tolist() for b in range(len(PROMPTS))]
+    heads = random_heads(model, 3)
+    outs = {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("CLP_FAST_BACKEND", choice)
+        monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every=3))
+        outs[choice], stats = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=12,
+                                                mode="lossless", eos_token_id=[], pad_token_id=0, return_stats=True)
+        monkeypatch.undo()
+        assert sum(stats.accept_hist[1:]) > 0 and sum(stats.accept_hist[:-1]) > 0, stats.accept_hist
+    assert torch.equal(outs["triton"], outs["torch"]), first_mismatch(outs["triton"], outs["torch"])
+    assert torch.equal(outs["torch"], want), first_mismatch(outs["torch"], want)
