@@ -78,7 +78,8 @@ def cmd_generate(args) -> int:
             ids[i, P - len(r):], mask[i, P - len(r):] = torch.tensor(r), 1
         out, stats = clp_fast.generate(
             model, ids.to(args.device), heads, attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens,
-            mode=args.mode, clp_threshold=args.threshold, policy=args.policy, pad_token_id=pad, return_stats=True)
+            mode=args.mode, clp_threshold=args.threshold, policy=args.policy, prompt_lookup=args.prompt_lookup,
+            pad_token_id=pad, return_stats=True)
         all_stats.append(stats.to_dict())
         for i, p in enumerate(chunk):
             new = out[i, P:P + stats.new_tokens[i]].tolist()
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", choices=POLICIES, default="clp")
     g.add_argument("--k", type=int, help="use only the first k heads")
     g.add_argument("--threshold", type=float, help="CLP acceptance probability (default: the heads' own)")
+    g.add_argument("--prompt-lookup", type=int, help="lossless: guesses copied from the context (default k; 0 off)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     g.add_argument("--device", default="cpu")

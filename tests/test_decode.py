@@ -108,7 +108,8 @@ def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, mo
     seqs = [want[b][mask[b].bool().tolist() + [True] * 30].tolist() for b in range(len(PROMPTS))]
     monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every))
     got, stats = clp_fast.generate(model, ids, random_heads(model, 4), attention_mask=mask, max_new_tokens=30,
-                                   mode="lossless", eos_token_id=[], pad_token_id=0, return_stats=True)
+                                   mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=0,
+                                   return_stats=True)
     assert_equal_ids(got, want)
     assert stats.new_tokens == [30] * 4
     assert sum(stats.accept_hist[1:]) > 0, stats.accept_hist  # some guesses were accepted ...
