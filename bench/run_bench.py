@@ -377,13 +377,7 @@ def summarize(methods: list[Method], records: list[dict], prompt_set: str | None
 
 
 def left_pad_batch(tok, texts: list[str], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [tok(t)["input_ids"] for t in texts]
-    P = max(len(r) for r in rows)
-    ids = torch.full((len(rows), P), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), P), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, P - len(r):], mask[i, P - len(r):] = torch.tensor(r), 1
-    return ids, mask
+    return clp_fast.left_pad([tok(t)["input_ids"] for t in texts], pad)
 
 
 def run_batched(model, tok, heads: MTPHeads, k: int, batch_sizes: list[int], n: int, reps: int, seed: int,

@@ -70,12 +70,8 @@ def cmd_generate(args) -> int:
     results, all_stats = [], []
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
-        rows = [tok(p)["input_ids"] for p in chunk]
-        P = max(len(r) for r in rows)
-        ids = torch.full((len(rows), P), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), P), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, P - len(r):], mask[i, P - len(r):] = torch.tensor(r), 1
+        ids, mask = clp_fast.left_pad([tok(p)["input_ids"] for p in chunk], pad)
+        P = ids.shape[1]
         out, stats = clp_fast.generate(
             model, ids.to(args.device), heads, attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens,
             mode=args.mode, clp_threshold=args.threshold, policy=args.policy, prompt_lookup=args.prompt_lookup,

@@ -23,7 +23,7 @@ from clp_fast.heads import MTPHeads
 from clp_fast.lookup import lookup_continuation
 from clp_fast.model import NativeBackbone, StaticKVCache
 
-__all__ = ["generate", "DecodeStats", "MODES"]
+__all__ = ["MODES", "DecodeStats", "generate", "left_pad"]
 
 MODES = ("greedy", "lossless", "clp")
 POLICIES = ("clp", "gate")
@@ -218,6 +218,20 @@ def _eos_tensor(model, eos_token_id, device):
 
 
 # ------------------------------------------------------------------------------------- generate
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists → left-padded ``(input_ids [B, P], attention_mask [B, P])``, as
+    :func:`generate` and transformers' ``generate`` expect them."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError(f"empty prompt: row lengths {[len(r) for r in rows]}")
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, P - len(r):] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate(
     model,

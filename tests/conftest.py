@@ -63,13 +63,9 @@ def tiny_llama():
 
 def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists → ``(input_ids [B, P], attention_mask [B, P])``."""
-    P = max(len(r) for r in rows)
-    ids = torch.full((len(rows), P), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), P), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, P - len(r):] = torch.tensor(r)
-        mask[i, P - len(r):] = 1
-    return ids, mask
+    from clp_fast.decode import left_pad as _left_pad
+
+    return _left_pad(rows, pad)
 
 
 def smollm2_path() -> Path:

@@ -77,6 +77,19 @@ def _first_mismatch(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"first mismatch at {list(i)}: {a[i]} vs {b[i]}"
 
 
+def _interrupted_run(model, tmp_path: Path, corpus, monkeypatch) -> None:
+    """A training run stopped by KeyboardInterrupt after step 2 (its checkpoint and cache stay)."""
+
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, tmp_path, "out", corpus)
+    monkeypatch.undo()
+
+
 def _assert_same_heads(a: MTPHeads, b: MTPHeads) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -142,14 +155,7 @@ def test_resume_after_interrupt_equals_uninterrupted(reference_run, model, corpu
 
 
 def test_resume_with_new_training_options_reuses_the_data(model, corpus, tmp_path, monkeypatch):
-    def interrupt(step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_after_step", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _run(model, tmp_path, "out", corpus)
-    monkeypatch.undo()
+    _interrupted_run(model, tmp_path, corpus, monkeypatch)
     shards = sorted((tmp_path / "out-cache").rglob("shard-*.safetensors"))
     stamps = [s.stat().st_mtime_ns for s in shards]
     with pytest.raises(ValueError, match="max_tokens"):
@@ -214,14 +220,7 @@ def test_disk_full_while_writing_a_shard(reference_run, model, corpus, tmp_path,
 
 
 def test_resume_with_another_backbone_is_refused(model, corpus, tmp_path, monkeypatch):
-    def interrupt(step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_after_step", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _run(model, tmp_path, "out", corpus)
-    monkeypatch.undo()
+    _interrupted_run(model, tmp_path, corpus, monkeypatch)
     with pytest.raises(ValueError, match="another backbone"):
         _run(tiny_model(seed=1), tmp_path, "out", corpus, resume=True)
 
