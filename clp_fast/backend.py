@@ -25,13 +25,14 @@ def backend_for(device: torch.device) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
-def fused_heads(hidden, head_weight, head_bias, lm_head_weight, clp_weight=None, clp_bias=None, threshold=0.5):
+def fused_heads(hidden, head_weight, head_bias, lm_head_weight, clp_weight=None, clp_bias=None, threshold=0.5,
+                draft_vocab=None):
     """Dispatch of :func:`clp_fast.reference.fused_heads` (same signature and outputs)."""
     if backend_for(hidden.device) == "triton":
         from kernels.fused_heads import fused_heads as impl
     else:
         impl = reference.fused_heads
-    return impl(hidden, head_weight, head_bias, lm_head_weight, clp_weight, clp_bias, threshold)
+    return impl(hidden, head_weight, head_bias, lm_head_weight, clp_weight, clp_bias, threshold, draft_vocab)
 
 
 def commit_kv_span_(cache_k, cache_v, new_k, new_v, row_offsets, span_lengths) -> None:

@@ -111,6 +111,8 @@ class MTPHeads(nn.Module):
             backbone with another fingerprint raises ``ValueError``.
         thresholds: CLP acceptance thresholds per mode, ``{"clp": p, "lossless": p, "gate": p}``.
         with_gate: also hold a :class:`GatePolicy`.
+        draft_vocab: the heads' output vocabulary is the LM head's first ``draft_vocab`` rows
+            (see :func:`clp_fast.reference.fused_heads`); None = all ``vocab_size``.
     """
 
     def __init__(
@@ -124,13 +126,17 @@ class MTPHeads(nn.Module):
         thresholds: dict | None = None,
         with_gate: bool = False,
         extra_config: dict | None = None,
+        draft_vocab: int | None = None,
     ):
         super().__init__()
         _check_k(k)
         for name, val in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
-            if not isinstance(val, int) or val <= 0:
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"{name}={val!r} must be a positive int")
-        self.k, self.hidden_size, self.vocab_size = k, hidden_size, vocab_size
+        draft_vocab = vocab_size if draft_vocab is None else draft_vocab
+        if isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int) or not 1 <= draft_vocab <= vocab_size:
+            raise ValueError(f"draft_vocab={draft_vocab!r} must be an int in [1, vocab_size={vocab_size}]")
+        self.k, self.hidden_size, self.vocab_size, self.draft_vocab = k, hidden_size, vocab_size, draft_vocab
         self.backbone, self.fingerprint = backbone, fingerprint
         self.thresholds = {"clp": 0.9, "lossless": 0.0, "gate": 0.9, **(thresholds or {})}
         self.extra_config = dict(extra_config or {})
@@ -145,6 +151,17 @@ class MTPHeads(nn.Module):
         W = model.get_output_embeddings().weight
         name = kwargs.pop("backbone", getattr(model.config, "_name_or_path", "") or "")
         return cls(W.shape[1], W.shape[0], k, backbone=str(name), fingerprint=lm_head_fingerprint(W), **kwargs)
+
+    def fused(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float | None = None,
+              *, with_clp: bool = True):
+        """:func:`clp_fast.backend.fused_heads` with these heads: ids ``[R, k + 1]``, conf, accept ``[R]``."""
+        from clp_fast import backend
+
+        lin = self.clp.linear if with_clp else None
+        return backend.fused_heads(
+            hidden, self.weight, self.bias, lm_head_weight, lin.weight if lin else None, lin.bias if lin else None,
+            0.5 if threshold is None else threshold, draft_vocab=self.draft_vocab,
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [R, H]`` → ``[R, k + 1, H]`` (row 0 is ``hidden``; see reference.head_hidden)."""
@@ -174,6 +191,7 @@ class MTPHeads(nn.Module):
         out = MTPHeads(
             self.hidden_size, self.vocab_size, j, backbone=self.backbone, fingerprint=self.fingerprint,
             thresholds=self.thresholds, with_gate=self.gate is not None, extra_config=self.extra_config,
+            draft_vocab=self.draft_vocab,
         ).to(self.weight.device)
         H = self.hidden_size
         with torch.no_grad():
@@ -209,6 +227,7 @@ class MTPHeads(nn.Module):
             "k": self.k,
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
+            "draft_vocab": self.draft_vocab,
             "backbone": self.backbone,
             "lm_head_fingerprint": self.fingerprint,
             "thresholds": self.thresholds,
@@ -254,7 +273,8 @@ class MTPHeads(nn.Module):
             raise ValueError(f"{cfg_path}: unknown heads format {cfg.get('format')!r}")
         heads = cls(cfg["hidden_size"], cfg["vocab_size"], cfg["k"], backbone=cfg.get("backbone", ""),
                     fingerprint=cfg.get("lm_head_fingerprint", ""), thresholds=cfg.get("thresholds"),
-                    with_gate=cfg.get("with_gate", False), extra_config=cfg.get("extra"))
+                    with_gate=cfg.get("with_gate", False), extra_config=cfg.get("extra"),
+                    draft_vocab=cfg.get("draft_vocab"))
         try:
             state = load_file(str(w_path))
         except (SafetensorError, OSError) as e:

@@ -78,6 +78,9 @@ class NativeBackbone:
         self.head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
         self.lm_head_weight = model.get_output_embeddings().weight  # [V, H]
+        H = self.lm_head_weight.shape[1]
+        # k = 0 head weight / bias for fused_heads' backbone-only call (greedy mode), built once.
+        self.no_heads = (self.lm_head_weight.new_zeros((0, H, H)), self.lm_head_weight.new_zeros((0, H)))
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
 
     @property

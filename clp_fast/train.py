@@ -89,6 +89,9 @@ class TrainConfig:
     ce_negatives: int = 2048
     inconsistent_weight: float = 0.5  # 0.0 -> head-1 0.214, 0.5 -> 0.240 (SmolLM2, same data): volume wins
     clp_precision: float = 0.99
+    # Heads' output vocabulary: the LM head's first rows (reference.fused_heads); None = all of it. Targets
+    # past it are unreachable and get weight 0.
+    draft_vocab: int | None = None
     with_gate: bool = True
     prefill_batch: int = 16
     gen_batch: int = 16
@@ -396,7 +399,7 @@ def _train_loop(heads: MTPHeads, W: torch.Tensor, cfg: TrainConfig, cache: Path,
         raise ValueError(f"the corpus gives {sum(sizes)} training positions, fewer than one batch of "
                          f"{cfg.batch_size}; pass more text with corpus=/--corpus or a smaller batch_size")
     steps = _schedule(sizes, cfg)
-    V = W.shape[0]
+    V, Vd = W.shape[0], heads.draft_vocab
     Wf = W.float()
     gram = Wf.t() @ Wf / V  # [H, H]: mean over the vocab of squared logit errors = d^T gram d
     params = [heads.weight, heads.bias]
@@ -434,6 +437,7 @@ def _train_loop(heads: MTPHeads, W: torch.Tensor, cfg: TrainConfig, cache: Path,
         h_in = hid[flat].float()
         h_tgt = hid[tgt_idx].float()  # [B, k, H]
         ids_tgt = data["argmax"].view(-1)[tgt_idx].long()  # [B, k]
+        wts = torch.where(ids_tgt < Vd, wts, 0.0)  # a target past the draft vocabulary is unreachable
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, len(steps), cfg)
         z = _head_z(h_in, heads.weight, heads.bias)  # [B, k, H]
@@ -441,7 +445,7 @@ def _train_loop(heads: MTPHeads, W: torch.Tensor, cfg: TrainConfig, cache: Path,
         wsum = wts.sum().clamp(min=1e-6)
         loss_reg = ((d @ gram) * d).sum(-1).mul(wts).sum() / wsum
         gen = _gen(cfg.seed, "neg", step)
-        cand = torch.unique(torch.cat([ids_tgt[wts > 0], torch.randint(V, (cfg.ce_negatives,), generator=gen)]))
+        cand = torch.unique(torch.cat([ids_tgt[wts > 0], torch.randint(Vd, (cfg.ce_negatives,), generator=gen)]))
         logits = z @ Wf[cand].t()  # [B, k, C]
         pos = torch.searchsorted(cand, ids_tgt.clamp(max=V - 1))
         pos = pos.clamp(max=len(cand) - 1)
@@ -487,7 +491,7 @@ def _heldout_features(heads: MTPHeads, W: torch.Tensor, cache: Path, k: int, pro
             if len(t) == 0:
                 continue
             h = data["hidden"][i, t]
-            ids, conf, _ = reference.fused_heads(h, heads.weight, heads.bias, W)
+            ids, conf, _ = reference.fused_heads(h, heads.weight, heads.bias, W, draft_vocab=heads.draft_vocab)
             tj = t[:, None] + 1 + torch.arange(1, k + 1)[None]  # [T, k] index of head j's target token
             ok = tj < length[i]
             tgt = tokens[i].gather(0, tj.clamp(max=tokens.shape[1] - 1).flatten()).view_as(tj)
@@ -835,7 +839,7 @@ def train_heads(
         data_stats = _build_data(model, bb, plan, cfg, cache, progress)
     stage["data (this run)"] = time.perf_counter() - t
 
-    heads = MTPHeads.for_model(model, cfg.k, backbone=name, with_gate=cfg.with_gate)
+    heads = MTPHeads.for_model(model, cfg.k, backbone=name, with_gate=cfg.with_gate, draft_vocab=cfg.draft_vocab)
     heads.train()
     t = time.perf_counter()
     train_stats = _train_loop(heads, W, cfg, cache, fingerprint, progress)
@@ -935,7 +939,8 @@ def evaluate_heads(model, heads: MTPHeads, prompts, *, tokenizer=None, max_new_t
         seq = ids + greedy
         hid, _ = _prefill(bb, [seq], len(seq))
         t = torch.arange(len(ids) - 1, len(seq) - 1)
-        hids, _, _ = reference.fused_heads(hid[0, t].to(dev), heads.weight, heads.bias, bb.lm_head_weight)
+        hids, _, _ = reference.fused_heads(hid[0, t].to(dev), heads.weight, heads.bias, bb.lm_head_weight,
+                                           draft_vocab=heads.draft_vocab)
         tj = t[:, None] + 1 + torch.arange(1, k + 1)[None]  # index of head j's target token
         ok = tj < len(seq)
         tgt = torch.tensor(seq)[tj.clamp(max=len(seq) - 1)]
@@ -992,6 +997,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--ce-negatives", type=int, default=d.ce_negatives, help="random negatives of the sampled cross-entropy")
     a("--reg-weight", type=float, default=d.reg_weight, help="weight of the logit-space regression loss")
     a("--clp-precision", type=float, default=d.clp_precision, help="target precision of the CLP threshold")
+    a("--draft-vocab", type=int, default=d.draft_vocab,
+      help="heads' output vocabulary: the LM head's first N rows (default: all; 32768 for Qwen2.5)")
     a("--no-gate", action="store_true", help="do not train the gate baseline")
     a("--dtype", default=d.dtype, choices=["bf16", "fp32"], help="backbone dtype (default %(default)s)")
     a("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -1018,7 +1025,7 @@ def run_train(args: argparse.Namespace) -> int:
                 heldout_prompts=args.heldout_prompts, gen_new_tokens=args.gen_new_tokens, batch_size=args.batch_size,
                 window=args.window, ce_negatives=args.ce_negatives, reg_weight=args.reg_weight,
                 lr=args.lr, inconsistent_weight=args.inconsistent_weight, clp_precision=args.clp_precision,
-                with_gate=not args.no_gate, dtype=args.dtype, checkpoint_every=args.checkpoint_every,
+                with_gate=not args.no_gate, draft_vocab=args.draft_vocab, dtype=args.dtype, checkpoint_every=args.checkpoint_every,
                 max_ram_gb=args.max_ram_gb, seed=args.seed)
     return 0
 

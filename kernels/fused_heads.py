@@ -155,6 +155,8 @@ def _fused_heads_kernel(
     psum_ptr,
     n_rows,
     V,
+    Vd,
+    K1,
     H,
     tiles_per_split,
     stride_zr,
@@ -174,6 +176,8 @@ def _fused_heads_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_rows
     z_rows = z_ptr + offs_m.to(tl.int64)[:, None] * stride_zr
+    # Row r * K1 is a backbone row (all V tokens); rows r * K1 + j, j >= 1, are head rows (the first Vd).
+    row_limit = tl.where(offs_m % K1 == 0, V, Vd)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_arg = tl.full((BLOCK_M,), _INT32_MAX, dtype=tl.int32)
@@ -197,14 +201,17 @@ def _fused_heads_kernel(
         # Round to the input dtype first, as a plain lm_head forward does (the reference's F.linear): the
         # argmax must be that of the logits transformers' greedy search sees. A no-op for fp32.
         acc = _round_to(acc, w_ptr.dtype.element_ty)
-        logits = tl.where(mask_v[None, :], acc, float("-inf"))
+        logits = tl.where(offs_v[None, :] < row_limit[:, None], acc, float("-inf"))
         tile_max = tl.max(logits, axis=1)
         # Lowest index among the tile's maxima, like torch.argmax; a later tile only wins when strictly
         # greater, so ties across tiles also keep the lowest index.
         tile_arg = tl.min(tl.where(logits == tile_max[:, None], offs_v[None, :], _INT32_MAX), axis=1)
         new_max = tl.maximum(run_max, tile_max)
         run_arg = tl.where(tile_max > run_max, tile_arg, run_arg)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        # A head row's tiles past Vd are all -inf (so may be its running max): shift by 0 there, so that
+        # exp(-inf - 0) = 0 keeps its sum at 0 instead of exp(-inf + inf) = NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
         run_max = new_max
 
     out = offs_m * stride_pr + split
@@ -343,6 +350,7 @@ def fused_heads(
     clp_weight: torch.Tensor | None = None,
     clp_bias: torch.Tensor | None = None,
     threshold: float = 0.5,
+    draft_vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backbone + MTP-head argmaxes, confidences and CLP accept lengths; twin of the reference.
 
@@ -354,6 +362,7 @@ def fused_heads(
         clp_weight: ``[k, H + k]`` or None (then accept lengths are all ``k``).
         clp_bias: ``[k]`` or None.
         threshold: CLP acceptance probability.
+        draft_vocab: head rows range over ``W[:draft_vocab]`` (see the reference); None = V.
 
     Returns:
         ids ``[R, k + 1]`` int64, conf ``[R, k + 1]`` fp32, accept ``[R]`` int64 (see the reference).
@@ -375,6 +384,9 @@ def fused_heads(
     V = lm_head_weight.shape[0]
     if V >= 2**31 - 1:
         raise ValueError(f"vocabulary size {V} does not fit the kernel's int32 token ids")
+    Vd = V if draft_vocab is None else draft_vocab
+    if isinstance(Vd, bool) or not isinstance(Vd, int) or not 1 <= Vd <= V:
+        raise ValueError(f"draft_vocab={draft_vocab!r} must be an int in [1, {V}]")
     if hidden.dtype not in _FLOATS:
         raise TypeError(f"hidden dtype {hidden.dtype} is not one of {_FLOATS}")
     if lm_head_weight.dtype != hidden.dtype:
@@ -438,7 +450,7 @@ def fused_heads(
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), S)
     _fused_heads_kernel[grid](
         z, lm_head_weight, pmax, parg, psum,
-        n_rows, V, H, cfg["tiles_per_split"],
+        n_rows, V, Vd, K1, H, cfg["tiles_per_split"],
         z.stride(0), z.stride(1),
         lm_head_weight.stride(0), lm_head_weight.stride(1),
         pmax.stride(0),

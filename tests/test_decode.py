@@ -142,6 +142,29 @@ def test_clp_mode_takes_guesses_unverified(monkeypatch):
     assert_equal_ids(got, want)
 
 
+def test_draft_vocabulary_reaches_the_heads_and_lossless_stays_exact(monkeypatch):
+    """Heads with a 40-token draft vocabulary only ever guess ids < 40; verification keeps the output greedy's."""
+    model = tiny_model("qwen2")
+    heads = MTPHeads.for_model(model, 3, draft_vocab=40)
+    with torch.no_grad():
+        heads.weight.normal_(std=0.05)
+    seen, original = [], decode._draft
+
+    def spy(*args):
+        ids, conf, n = original(*args)
+        seen.append(ids)
+        return ids, conf, n
+
+    monkeypatch.setattr(decode, "_draft", spy)
+    ids, mask = left_pad(PROMPTS)
+    got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=16, mode="lossless",
+                            eos_token_id=[], pad_token_id=0, prompt_lookup=0)
+    assert_equal_ids(got, hf_greedy(model, ids, mask, 16))
+    drafted = torch.cat([s.reshape(-1, 4) for s in seen])
+    assert bool((drafted[:, 1:] < 40).all()), drafted[:, 1:].max()
+    assert bool((drafted[:, 0] >= 40).any()), "the backbone column must range over the whole vocabulary"
+
+
 def test_gate_policy_runs_in_clp_mode():
     model = tiny_model("qwen2")
     heads = MTPHeads.for_model(model, 2, with_gate=True)

@@ -104,7 +104,7 @@ def test_heads_for_another_backbone(model, tmp_path):
 
 
 def test_heads_round_trip_is_exact(model, tmp_path):
-    h = MTPHeads.for_model(model, 3, with_gate=True, thresholds={"clp": 0.8})
+    h = MTPHeads.for_model(model, 3, with_gate=True, thresholds={"clp": 0.8}, draft_vocab=77)
     with torch.no_grad():
         for p in h.parameters():
             p.normal_()
@@ -112,8 +112,15 @@ def test_heads_round_trip_is_exact(model, tmp_path):
     back = MTPHeads.from_pretrained(tmp_path / "h", model=model)
     for (n, a), (_, b) in zip(h.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), n
-    assert back.thresholds["clp"] == 0.8 and back.k == 3
+    assert back.thresholds["clp"] == 0.8 and back.k == 3 and back.draft_vocab == 77
+    assert back.truncated(2).draft_vocab == 77
     assert json.loads((tmp_path / "h" / "config.json").read_text())["parameters"]["clp"] == (96 + 3) * 3 + 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1001, 2.0, True])
+def test_bad_draft_vocab(model, bad):
+    with pytest.raises(ValueError, match=f"draft_vocab={bad!r}"):
+        MTPHeads.for_model(model, 2, draft_vocab=bad)
 
 
 def test_truncated_or_corrupted_heads_file(model, tmp_path):

@@ -60,19 +60,23 @@ def make_inputs(R, H, V, k, dtype, *, plant=False, clp=True, clp_scale=1.0):
     return args, targets
 
 
-def ref_logits(hidden, head_weight, head_bias, W):
-    """Reference logits ``[R, k+1, V]``, only to judge near-ties; ids and conf come from reference.fused_heads."""
+def ref_logits(hidden, head_weight, head_bias, W, draft_vocab=None):
+    """Reference logits ``[R, k+1, V]`` (head rows -inf past ``draft_vocab``), to judge near-ties and to
+    check the draft-vocabulary rule; ids and conf come from reference.fused_heads."""
     z = reference.head_hidden(hidden, head_weight, head_bias)
-    return F.linear(z.reshape(-1, z.shape[-1]), W).float().view(z.shape[0], z.shape[1], -1)
+    logits = F.linear(z.reshape(-1, z.shape[-1]), W).float().view(z.shape[0], z.shape[1], -1)
+    if draft_vocab is not None:
+        logits[:, 1:, draft_vocab:] = float("-inf")
+    return logits
 
 
-def assert_ids_near_max(args, ids, ref_ids, max_frac=0.05):
+def assert_ids_near_max(args, ids, ref_ids, max_frac=0.05, draft_vocab=None):
     """ids equal the reference's except at near-ties, which must be few and be within tol of the max."""
     dtype = args[0].dtype
     bad = (ids != ref_ids).nonzero()
     if bad.numel() == 0:
         return
-    logits = ref_logits(*args[:4])
+    logits = ref_logits(*args[:4], draft_vocab)
     eps = torch.finfo(dtype).eps
     for r, j in bad.tolist():
         row = logits[r, j]
@@ -192,6 +196,36 @@ def test_bad_inputs_refused():
         fh_mod.fused_heads(*args[:4], args[4][:, :-1], args[5])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Vd", [1, 100, 129, 700, 1003])
+def test_fused_heads_draft_vocab(Vd, dtype):
+    """Head rows range over W[:Vd], the backbone row over all of W: planted winners above Vd are the
+    backbone's argmax but never a head's; kernel ids torch.equal to the reference's."""
+    R, H, V, k = 6, 64, 1003, 3
+    args, targets = make_inputs(R, H, V, k, dtype, plant=True)
+    ids, conf, accept = fh_mod.fused_heads(*args, threshold=0.5, draft_vocab=Vd)
+    ref_ids, ref_conf, ref_accept = reference.fused_heads(*args, threshold=0.5, draft_vocab=Vd)
+    # The rule itself, from the full logits: the backbone column is the planted winner; head columns are
+    # the argmax over the first Vd tokens, with the softmax over those tokens only.
+    logits = ref_logits(*args[:4], Vd)
+    assert torch.equal(ref_ids[:, 0].cpu(), targets), "backbone row must range over all V tokens"
+    assert bool((ref_ids[:, 1:] < Vd).all())
+    assert torch.equal(ref_ids, logits.argmax(-1)), first_mismatch(ref_ids, logits.argmax(-1))
+    assert_conf_close(ref_conf, torch.softmax(logits, -1).amax(-1), dtype)
+    # The kernel against the reference.
+    assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
+    assert_conf_close(conf, ref_conf, dtype)
+    assert_accept_equal_off_threshold(args, accept, ref_conf, 0.5)
+
+
+@pytest.mark.parametrize("fn", [reference.fused_heads, fh_mod.fused_heads], ids=["reference", "kernel"])
+@pytest.mark.parametrize("bad", [0, -3, 1001, 2.5, True])
+def test_bad_draft_vocab_refused(fn, bad):
+    args, _ = make_inputs(2, 64, 1000, 2, torch.float32)
+    with pytest.raises(ValueError, match=f"draft_vocab={bad!r}"):
+        fn(*args, draft_vocab=bad)
+
+
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     R=st.integers(1, 6),
@@ -200,13 +234,15 @@ def test_bad_inputs_refused():
     k=st.integers(0, 4),
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
+    vd_frac=st.sampled_from([None, 0.1, 0.5, 1.0]),
 )
-def test_fused_heads_fuzz(R, H, V, k, dtype, seed):
+def test_fused_heads_fuzz(R, H, V, k, dtype, seed, vd_frac):
     torch.manual_seed(seed)
     R = min(R, V)  # one distinct planted winner per row
+    Vd = None if vd_frac is None else max(1, int(V * vd_frac))
     args, targets = make_inputs(R, H, V, k, dtype, plant=True)
-    ids, conf, accept = fh_mod.fused_heads(*args)
-    ref_ids, ref_conf, ref_accept = reference.fused_heads(*args)
+    ids, conf, accept = fh_mod.fused_heads(*args, draft_vocab=Vd)
+    ref_ids, ref_conf, ref_accept = reference.fused_heads(*args, draft_vocab=Vd)
     assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
     assert_conf_close(conf, ref_conf, dtype)
     if k:

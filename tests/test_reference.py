@@ -14,7 +14,7 @@ from tests.conftest import assert_equal_ids
 TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-5, 1e-4), torch.float16: (1e-5, 1e-4)}
 
 
-def naive_fused_heads(hidden, head_weight, head_bias, W, clp_w, clp_b, threshold):
+def naive_fused_heads(hidden, head_weight, head_bias, W, clp_w, clp_b, threshold, draft_vocab=None):
     R, k = hidden.shape[0], head_weight.shape[0]
     ids = torch.empty(R, k + 1, dtype=torch.long)
     conf = torch.empty(R, k + 1)
@@ -25,7 +25,8 @@ def naive_fused_heads(hidden, head_weight, head_bias, W, clp_w, clp_b, threshold
                 z = h
             else:
                 z = (h.float() + F.silu(head_weight[j - 1].float() @ h.float() + head_bias[j - 1].float())).to(h.dtype)
-            logits = (W @ z).float()  # [V], rounded to the dtype like a plain lm_head forward
+            rows = W if j == 0 or draft_vocab is None else W[:draft_vocab]  # heads: the draft vocabulary
+            logits = (rows @ z).float()  # rounded to the dtype like a plain lm_head forward
             ids[r, j] = int(torch.argmax(logits))
             conf[r, j] = torch.softmax(logits, dim=0).max()
     accept = torch.empty(R, dtype=torch.long)
@@ -43,14 +44,15 @@ def naive_fused_heads(hidden, head_weight, head_bias, W, clp_w, clp_b, threshold
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("R,H,V", [(1, 64, 1000), (3, 96, 1003), (5, 32, 257)])
-def test_fused_heads_matches_naive_loop(R, H, V, k, dtype):
+@pytest.mark.parametrize("R,H,V,Vd", [(1, 64, 1000, None), (3, 96, 1003, None), (5, 32, 257, None),
+                                      (3, 96, 1003, 100), (5, 32, 257, 1)])
+def test_fused_heads_matches_naive_loop(R, H, V, Vd, k, dtype):
     hidden = torch.randn(R, H).to(dtype)
     W = (torch.randn(V, H) / H**0.5).to(dtype)
     hw, hb = torch.randn(k, H, H) * 0.1, torch.randn(k, H) * 0.1
     clp_w, clp_b = torch.randn(k, H + k) * 0.1, torch.randn(k)
-    got = reference.fused_heads(hidden, hw, hb, W, clp_w, clp_b, 0.5)
-    want = naive_fused_heads(hidden, hw, hb, W, clp_w, clp_b, 0.5)
+    got = reference.fused_heads(hidden, hw, hb, W, clp_w, clp_b, 0.5, draft_vocab=Vd)
+    want = naive_fused_heads(hidden, hw, hb, W, clp_w, clp_b, 0.5, draft_vocab=Vd)
     assert_equal_ids(got[0], want[0])
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got[1], want[1], atol=atol, rtol=rtol)

@@ -241,12 +241,14 @@ def test_shipped_smollm2_heads_speed_up_lossless_decoding():
                     f"`python -c \"import clp_fast.hub as h; h.fetch('{name}')\"` first")
     folder = ASSETS / name
     assert (folder / "config.json").is_file(), f"no shipped heads at {folder}"
-    model, tok = load_model(name, dtype="bf16")
+    # fp32, where lossless output must equal greedy exactly (in bf16, verifying a span in one matmul flips
+    # near-tie argmaxes at a rate the benchmark measures and reports).
+    model, tok = load_model(name, dtype="fp32")
     heads = MTPHeads.from_pretrained(folder, model=model)
     res = train.evaluate_heads(model, heads, humaneval_prompts(3), tokenizer=tok, max_new_tokens=64)
-    # Measured on the committed assets (2026-11-29): tau 1.42, head-1 top-1 0.09, 2 of 3 equal to
-    # greedy in bf16. The issue asks for tau > 1.5: not reached yet (see the training card); this
-    # bar is what the shipped heads do reach, so a broken or mismatched asset still fails here.
+    # Measured on the committed assets (2026-11-29, bf16): tau 1.43, head-1 top-1 0.09. The issue asks for
+    # tau > 1.5: not reached yet (see the training card); this bar is what the shipped heads do reach, so a
+    # broken or mismatched asset still fails here.
     assert res["lossless_tau"] > 1.3, res
     assert res["head_top1"][0] > 0.05, res  # random-weight heads score ~0 on the same prompts
-    assert res["lossless_equal_greedy"] >= 2 / 3, res
+    assert res["lossless_equal_greedy"] == 1.0, res
