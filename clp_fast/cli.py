@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", choices=POLICIES, default="clp")
     g.add_argument("--k", type=int, help="use only the first k heads")
     g.add_argument("--threshold", type=float, help="CLP acceptance probability (default: the heads' own)")
-    g.add_argument("--prompt-lookup", type=int, help="lossless: guesses copied from the context (default max(k, 6); 0 off)")
+    g.add_argument("--prompt-lookup", type=int,
+                   help="lossless: guesses copied from the context (default max(k, 6); 0 off)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     g.add_argument("--device", default="cpu")

@@ -367,7 +367,6 @@ def generate(
         hidden, new_k, new_v = bb.forward(fed, cache, torch.where(active, 1 + n, 0))  # [B, T, H]
         stats.forward_passes += 1
         row_forwards += active.long()
-        T = fed.shape[1]
         ids, n_next = _draft_fed(bb, heads, hidden, torch.where(active, 1 + n, 0), mode, policy, threshold)
         step.n_drafts = n
         m = _verify(ids, step, mode)  # [B] guesses accepted

@@ -1025,7 +1025,8 @@ def run_train(args: argparse.Namespace) -> int:
                 heldout_prompts=args.heldout_prompts, gen_new_tokens=args.gen_new_tokens, batch_size=args.batch_size,
                 window=args.window, ce_negatives=args.ce_negatives, reg_weight=args.reg_weight,
                 lr=args.lr, inconsistent_weight=args.inconsistent_weight, clp_precision=args.clp_precision,
-                with_gate=not args.no_gate, draft_vocab=args.draft_vocab, dtype=args.dtype, checkpoint_every=args.checkpoint_every,
+                with_gate=not args.no_gate, draft_vocab=args.draft_vocab, dtype=args.dtype,
+                checkpoint_every=args.checkpoint_every,
                 max_ram_gb=args.max_ram_gb, seed=args.seed)
     return 0
 
