@@ -250,7 +250,11 @@ class MTPHeads(nn.Module):
             save_file(tensors, str(tmp / WEIGHTS_NAME))
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
             directory.mkdir(exist_ok=True)
+            umask = os.umask(0)
+            os.umask(umask)
             for name in (WEIGHTS_NAME, CONFIG_NAME):
+                # mkstemp-style temp files are 0600; give the saved files the permissions of any new file
+                os.chmod(tmp / name, 0o666 & ~umask)
                 os.replace(tmp / name, directory / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

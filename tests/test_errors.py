@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -113,6 +114,9 @@ def test_heads_round_trip_is_exact(model, tmp_path):
     for (n, a), (_, b) in zip(h.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), n
     assert back.thresholds["clp"] == 0.8 and back.k == 3 and back.draft_vocab == 77
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "h" / "heads.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
     assert back.truncated(2).draft_vocab == 77
     assert json.loads((tmp_path / "h" / "config.json").read_text())["parameters"]["clp"] == (96 + 3) * 3 + 3
 
