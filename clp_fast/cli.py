@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from clp_fast.decode import MODES, POLICIES
+from clp_fast.decode import MAX_STEP_TOKENS, MODES, POLICIES
 
 
 def _read_prompts(args) -> list[str]:
@@ -75,7 +75,7 @@ def cmd_generate(args) -> int:
         out, stats = clp_fast.generate(
             model, ids.to(args.device), heads, attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens,
             mode=args.mode, clp_threshold=args.threshold, policy=args.policy, prompt_lookup=args.prompt_lookup,
-            pad_token_id=pad, return_stats=True)
+            max_step_tokens=args.max_step_tokens, pad_token_id=pad, return_stats=True)
         all_stats.append(stats.to_dict())
         for i, p in enumerate(chunk):
             new = out[i, P:P + stats.new_tokens[i]].tolist()
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, help="CLP acceptance probability (default: the heads' own)")
     g.add_argument("--prompt-lookup", type=int,
                    help="lossless: guesses copied from the context (default max(k, 6); 0 off)")
+    g.add_argument("--max-step-tokens", type=int, default=MAX_STEP_TOKENS,
+                   help="lossless: cap on tokens one forward feeds over the batch (default %(default)s; 0 off)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     g.add_argument("--device", default="cpu")

@@ -119,6 +119,22 @@ def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, mo
         assert stats.tau > 3.0
 
 
+def test_step_token_cap_limits_guesses_and_keeps_lossless_exact(monkeypatch):
+    """max_step_tokens=8 over 4 rows leaves each row 8 // 4 - 1 = 1 guess a step, even with right guesses."""
+    model = tiny_model("qwen2")
+    ids, mask = left_pad(PROMPTS)
+    want = hf_greedy(model, ids, mask, 20)
+    seqs = [want[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
+    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
+    kw = dict(attention_mask=mask, max_new_tokens=20, mode="lossless", eos_token_id=[], pad_token_id=0,
+              prompt_lookup=0, return_stats=True)
+    got, stats = clp_fast.generate(model, ids, random_heads(model, 4), max_step_tokens=8, **kw)
+    assert_equal_ids(got, want)
+    assert stats.accept_hist[1] > 0 and sum(stats.accept_hist[2:]) == 0, stats.accept_hist
+    _, free = clp_fast.generate(model, ids, random_heads(model, 4), max_step_tokens=None, **kw)
+    assert sum(free.accept_hist[2:]) > 0 and free.forward_passes < stats.forward_passes
+
+
 def test_clp_mode_takes_guesses_unverified(monkeypatch):
     model = tiny_model("qwen2")
     ids, mask = left_pad(PROMPTS)

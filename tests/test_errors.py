@@ -49,6 +49,8 @@ def gen(model, ids, heads=None, **kw):
         (torch.ones(2, 3, dtype=torch.long), {"attention_mask": torch.ones(2, 4, dtype=torch.long)}, ValueError,
          r"attention_mask shape \(2, 4\) does not match input_ids shape \(2, 3\)"),
         (torch.ones(1, 3, dtype=torch.long), {"attention_mask": torch.tensor([[0, 2, 1]])}, ValueError, "only 0 and 1"),
+        (torch.ones(1, 3, dtype=torch.long), {"max_step_tokens": -1}, ValueError, "max_step_tokens=-1"),
+        (torch.ones(1, 3, dtype=torch.long), {"max_step_tokens": 2.5}, ValueError, "max_step_tokens=2.5"),
     ],
 )
 def test_generate_rejects_bad_input(model, ids, kw, exc, match):
