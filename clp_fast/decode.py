@@ -1,13 +1,16 @@
 """The decode loop: prefill → draft (fused heads) → verify → commit, on a static per-row KV cache.
 
-One forward per step over ``T = 1 + max_b n_b`` tokens per row: the pending token ``p_b`` (the
-backbone's own next token, always right) followed by the ``n_b`` head guesses the policy chose
-for that row. Each row then accepts its own number of tokens (ragged acceptance) and commits
-exactly that span of K/V at its own offset; nothing else enters the cache.
+Each step feeds every row a small **draft tree** rooted at its pending token ``p_b`` (the
+backbone's own next token, always right): in ``lossless`` mode the heads' guesses form one
+branch and prompt-lookup guesses (:mod:`clp_fast.lookup`) another, merged where they agree, so
+one forward verifies both; in ``clp`` mode the tree is the heads' chain. Attention follows the
+tree (a node sees the cache and its own ancestors) and each node sits at position
+``len_b + depth``. Each row then keeps its deepest accepted path (ragged acceptance) and
+commits exactly that path's K/V at its own offset; nothing else enters the cache.
 
-- ``greedy``: ``n_b = 0`` — one token per forward (the baseline, same engine).
-- ``lossless``: guess ``d_i`` is accepted iff it equals the backbone's argmax after
-  ``p, d_1..d_{i-1}`` — by construction the output is greedy decoding's.
+- ``greedy``: the tree is ``p_b`` alone — one token per forward (the baseline, same engine).
+- ``lossless``: a node is accepted iff its token equals the backbone's argmax at its parent and
+  its parent is accepted — by construction the output is greedy decoding's.
 - ``clp``: the policy's guesses are accepted unverified (the paper's mode).
 """
 
@@ -132,42 +135,111 @@ def _prefill(bb: NativeBackbone, cache: StaticKVCache, prompts: torch.Tensor, pr
     return _Step(ids[:, 0], ids[:, 1:], n)
 
 
-def _add_lookup(step: _Step, contexts: list[list[int]], width: int, active: torch.Tensor) -> _Step:
-    """Offer prompt-lookup guesses beside the heads' ones: a row takes the context's continuation
-    when it is longer than what its policy chose. ``step.drafts`` is widened to ``[B, width]``."""
-    B, k = step.drafts.shape
-    drafts = torch.cat([step.drafts, step.drafts.new_zeros((B, width - k))], dim=1) if width > k else step.drafts
-    n = step.n_drafts.clone()
-    pending = step.pending.tolist()
-    for b in active.nonzero().flatten().tolist():
-        ctx = contexts[b] + [pending[b]]
-        # A 2- or 3-gram match is a stronger guess than the heads' beyond head 1 (chain accuracy
-        # ~0.3 / 0.08 / 0.02 held out), so it is taken outright; a 1-gram match only when longer.
-        guess = lookup_continuation(ctx, width, min_ngram=2)
-        if not guess:
-            guess = lookup_continuation(ctx, width, max_ngram=1)
-            guess = guess if len(guess) > n[b] else []
-        if guess:
-            drafts[b, : len(guess)] = torch.tensor(guess, dtype=drafts.dtype)
-            n[b] = len(guess)
-    return _Step(step.pending, drafts, n)
+@dataclass
+class _Tree:
+    """One step's draft trees, one per row, as padded ``[B, T]`` tensors (node 0 = the pending token).
 
-
-def _verify(ids: torch.Tensor, step: _Step, mode: str) -> torch.Tensor:
-    """Number of guesses each row accepts ``[B]``.
-
-    ``ids [B, T, k + 1]``: column 0 is the backbone's argmax after each of the T fed tokens.
-    Lossless takes the longest prefix of guesses equal to those argmaxes; clp takes them all.
+    Parents precede children, so a path read in index order is read root first.
     """
-    if mode == "clp":
-        return step.n_drafts.clone()
-    T = ids.shape[1]
-    if T == 1:
-        return torch.zeros_like(step.n_drafts)
-    guesses = step.drafts[:, : T - 1]  # [B, T-1]
-    ok = guesses == ids[:, : T - 1, 0]
-    ok &= torch.arange(T - 1, device=ids.device)[None] < step.n_drafts[:, None]
-    return ok.long().cumprod(dim=-1).sum(dim=-1)
+
+    tokens: torch.Tensor  # [B, T]
+    parent: torch.Tensor  # [B, T] index of the parent node (node 0 and padding: 0)
+    depth: torch.Tensor  # [B, T] guesses between the node and the root (position offset)
+    anc: torch.Tensor  # [B, T, T] bool: anc[b, i, j] <=> j is i or one of its ancestors
+    n_fed: torch.Tensor  # [B] real nodes per row (0 for rows not run)
+
+
+def _make_tree(rows: list[tuple[list[int], list[int]]], device) -> _Tree:
+    """``rows[b] = (tokens, parents)`` lists (parents[0] unused) → padded :class:`_Tree`."""
+    B, T = len(rows), max(1, max(len(t) for t, _ in rows))
+    tokens = torch.zeros((B, T), dtype=torch.long)
+    parent = torch.zeros((B, T), dtype=torch.long)
+    depth = torch.zeros((B, T), dtype=torch.long)
+    anc = torch.zeros((B, T, T), dtype=torch.bool)
+    for b, (toks, pars) in enumerate(rows):
+        n = len(toks)
+        if n:
+            tokens[b, :n] = torch.tensor(toks, dtype=torch.long)
+        anc[b, torch.arange(T), torch.arange(T)] = True  # itself (padding nodes: only itself)
+        for i in range(1, n):
+            parent[b, i] = pars[i]
+            depth[b, i] = depth[b, pars[i]] + 1
+            anc[b, i] |= anc[b, pars[i]]
+    n_fed = torch.tensor([len(t) for t, _ in rows], dtype=torch.long)
+    return _Tree(*(x.to(device) for x in (tokens, parent, depth, anc, n_fed)))
+
+
+def _insert(toks: list[int], pars: list[int], children: dict, branch: list[int], budget: int) -> None:
+    """Add ``branch`` below the root of a trie held as ``toks``/``pars`` lists, sharing existing nodes;
+    stops when the trie has ``budget`` nodes."""
+    node = 0
+    for t in branch:
+        nxt = children.get((node, t))
+        if nxt is None:
+            if len(toks) >= budget:
+                return
+            nxt = len(toks)
+            toks.append(t)
+            pars.append(node)
+            children[(node, t)] = nxt
+        node = nxt
+
+
+def _lossless_tree(step: _Step, contexts: list[list[int]], width: int, max_guesses: torch.Tensor,
+                   active: torch.Tensor, device) -> _Tree:
+    """Per active row: a 2/3-gram prompt-lookup branch (the strongest guess: held-out chain accuracy of
+    the heads beyond head 1 is ~0.08 / 0.02), the heads' chain, then a 1-gram lookup branch when no
+    longer n-gram matched, merged into one trie of at most ``1 + max_guesses[b]`` nodes."""
+    pending, drafts, n_heads = step.pending.tolist(), step.drafts.tolist(), step.n_drafts.tolist()
+    cap = max_guesses.tolist()
+    rows = []
+    for b, live in enumerate(active.tolist()):
+        if not live:
+            rows.append(([], []))
+            continue
+        toks, pars, children = [pending[b]], [0], {}
+        branches = []
+        if width:
+            ctx = contexts[b] + [pending[b]]
+            strong = lookup_continuation(ctx, width, min_ngram=2)
+            branches.append(strong)
+            branches.append(drafts[b][: n_heads[b]])
+            if not strong:
+                branches.append(lookup_continuation(ctx, width, max_ngram=1))
+        else:
+            branches.append(drafts[b][: n_heads[b]])
+        for br in branches:
+            _insert(toks, pars, children, br[: cap[b]], 1 + cap[b])
+        rows.append((toks, pars))
+    return _make_tree(rows, device)
+
+
+def _chain_tree(step: _Step, n: torch.Tensor, active: torch.Tensor, device) -> _Tree:
+    """The pending token followed by the first ``n[b]`` head guesses (greedy: n = 0; clp mode)."""
+    pending, drafts = step.pending.tolist(), step.drafts.tolist()
+    rows = []
+    for b, (live, nb) in enumerate(zip(active.tolist(), n.tolist())):
+        toks = [pending[b]] + drafts[b][:nb] if live else []
+        rows.append((toks, list(range(-1, len(toks) - 1))))
+    return _make_tree(rows, device)
+
+
+def _verify(ids: torch.Tensor, tree: _Tree, mode: str) -> torch.Tensor:
+    """Each row's deepest accepted node ``[B]``.
+
+    ``ids [B, T, k + 1]``: column 0 is the backbone's argmax after each fed node. Lossless accepts a
+    node when every node on its path (itself included) equals the argmax at its parent; the deepest
+    such node wins (lowest index on ties). clp takes the whole chain.
+    """
+    B, T = tree.tokens.shape
+    real = torch.arange(T, device=ids.device)[None] < tree.n_fed[:, None]
+    if mode != "lossless":
+        return (tree.n_fed - 1).clamp(min=0)  # a chain: its last node
+    ok = tree.tokens == ids[..., 0].gather(1, tree.parent)
+    ok[:, 0] = True
+    ok &= real
+    accepted = ~(tree.anc & ~ok[:, None, :]).any(-1) & real  # [B, T]
+    return torch.where(accepted, tree.depth, -1).argmax(-1)
 
 
 def _emit(fed: torch.Tensor, n_fed: torch.Tensor, remaining: torch.Tensor, eos: torch.Tensor | None):
@@ -348,57 +420,66 @@ def generate(
 
     step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold)
     contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
-    if prompt_lookup:
-        step = _add_lookup(step, contexts, width, torch.ones(B, dtype=torch.bool))
     stats.forward_passes = 1
     row_forwards = torch.ones(B, dtype=torch.long, device=dev)
     out = torch.full((B, max_new_tokens + width + 1), pad_token_id, dtype=torch.long, device=dev)
     produced = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
 
     while not bool(done.all()):
         remaining = max_new_tokens - produced
-        n = torch.where(done, 0, torch.minimum(step.n_drafts, (remaining - 1).clamp(min=0)))
-        if mode == "lossless" and max_step_tokens:  # fewer guesses keep the output; in clp mode they'd change it
-            n = n.clamp(max=max(0, max_step_tokens // max(1, int((~done).sum())) - 1))
-        fed = torch.cat([step.pending[:, None], step.drafts], dim=1)[:, : 1 + int(n.max())]  # [B, T]
         # A row whose whole remaining output is already known needs no forward: greedy and
         # lossless at its last token or when the pending token is EOS; clp when its pending
         # token and guesses fill the budget or hold an EOS.
-        n_known = n if mode == "clp" else torch.zeros_like(n)
+        n_known = torch.where(done, 0, torch.minimum(step.n_drafts, (remaining - 1).clamp(min=0)))
+        if mode != "clp":
+            n_known = torch.zeros_like(n_known)
+        chain = torch.cat([step.pending[:, None], step.drafts], dim=1)[:, : 1 + int(n_known.max())]
         known = remaining <= 1 + n_known
         if eos is not None:
-            j = torch.arange(fed.shape[1], device=dev)[None]
-            known |= (torch.isin(fed, eos) & (j <= n_known[:, None])).any(-1)
+            j = torch.arange(chain.shape[1], device=dev)[None]
+            known |= (torch.isin(chain, eos) & (j <= n_known[:, None])).any(-1)
         finishing = known & ~done
         if bool(finishing.any()):
-            cnt, _ = _emit(fed, torch.where(finishing, 1 + n_known, 0), remaining, eos)
-            _append(out, produced, fed, cnt)
+            cnt, _ = _emit(chain, torch.where(finishing, 1 + n_known, 0), remaining, eos)
+            _append(out, produced, chain, cnt)
             if mode == "clp":
-                _count_accepts(stats, torch.where(finishing, n, -1))
+                _count_accepts(stats, torch.where(finishing, n_known, -1))
             done |= finishing
             if bool(done.all()):
                 break
         active = ~done
-        hidden, new_k, new_v = bb.forward(fed, cache, torch.where(active, 1 + n, 0))  # [B, T, H]
+        if mode == "lossless":
+            max_guesses = (remaining - 1).clamp(min=0)
+            if max_step_tokens:  # fewer guesses keep the output; in clp mode they would change it
+                max_guesses = max_guesses.clamp(max=max(0, max_step_tokens // int(active.sum()) - 1))
+            tree = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev)
+        else:
+            tree = _chain_tree(step, n_known, active, dev)
+        hidden, new_k, new_v = bb.forward(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
         stats.forward_passes += 1
         row_forwards += active.long()
-        ids, n_next = _draft_fed(bb, heads, hidden, torch.where(active, 1 + n, 0), mode, policy, threshold)
-        step.n_drafts = n
-        m = _verify(ids, step, mode)  # [B] guesses accepted
-        stats.drafted += int(n[active].sum())
+        ids, n_next = _draft_fed(bb, heads, hidden, tree.n_fed, mode, policy, threshold)
+        best = _verify(ids, tree, mode)  # [B] deepest accepted node
+        m = tree.depth[rows, best]  # guesses accepted
+        stats.drafted += int((tree.n_fed - 1).clamp(min=0).sum())
         _count_accepts(stats, torch.where(active, m, -1))
-        cnt, hit_eos = _emit(fed, torch.where(active, 1 + m, 0), remaining, eos)
-        backend.commit_kv_span_(cache.k, cache.v, new_k, new_v, cache.lengths, cnt)
+        # The accepted path's nodes first, root to leaf (parents precede children in index order).
+        on_path = tree.anc[rows, best]  # [B, T]
+        order = torch.sort((~on_path).to(torch.uint8), dim=1, stable=True).indices
+        path = tree.tokens.gather(1, order)
+        cnt, hit_eos = _emit(path, torch.where(active, 1 + m, 0), remaining, eos)
+        sel = order[None, :, None, :, None]
+        backend.commit_kv_span_(cache.k, cache.v, torch.take_along_dim(new_k, sel, dim=3),
+                                torch.take_along_dim(new_v, sel, dim=3), cache.lengths, cnt)
         cache.lengths += cnt
-        _append(out, produced, fed, cnt)
+        _append(out, produced, path, cnt)
         done |= hit_eos & active | (produced >= max_new_tokens)
-        rows = torch.arange(B, device=dev)
-        step = _Step(ids[rows, m, 0], ids[rows, m, 1:], n_next[rows, m])
+        step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best])
         if prompt_lookup:
             for b, c in enumerate(cnt.tolist()):
-                contexts[b] += fed[b, :c].tolist()
-            step = _add_lookup(step, contexts, width, ~done)
+                contexts[b] += path[b, :c].tolist()
 
     gen = int(produced.max())
     result = torch.cat([input_ids.long(), out[:, :gen]], dim=1)

@@ -95,27 +95,33 @@ class NativeBackbone:
         return StaticKVCache.allocate(len(self.layers), batch, self.kv_heads, max_len, self.head_dim,
                                       self.dtype, self.device)
 
-    def _attention_mask(self, cache_len: torch.Tensor, new_len: torch.Tensor, S: int, T: int) -> torch.Tensor:
+    def _attention_mask(self, cache_len: torch.Tensor, new_len: torch.Tensor, S: int, T: int,
+                        anc: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean ``[B, 1, T, S + T]``: query ``i`` of row ``b`` sees committed slots ``< cache_len[b]``
-        and new keys ``i' <= i`` with ``i' < new_len[b]`` (and always itself, so padded queries
-        never produce NaN; their outputs are discarded)."""
+        and new keys ``i'`` with ``i' < new_len[b]`` that are ``i``'s ancestors or ``i`` itself in the draft
+        tree ``anc [B, T, T]`` (None: a chain, ``i' <= i``), and always itself, so padded queries never
+        produce NaN; their outputs are discarded."""
         dev = cache_len.device
         slots = torch.arange(S, device=dev)
         old = (slots[None, :] < cache_len[:, None])[:, None, :].expand(-1, T, -1)  # [B, T, S]
         i = torch.arange(T, device=dev)
-        causal = i[None, :] <= i[:, None]  # [T(q), T(k)]
+        seen = (i[None, :] <= i[:, None])[None] if anc is None else anc  # [1 or B, T(q), T(k)]
         valid_new = (i[None, :] < new_len[:, None])[:, None, :]  # [B, 1, T(k)]
-        new = (causal[None] & valid_new) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+        new = (seen & valid_new) | torch.eye(T, dtype=torch.bool, device=dev)[None]
         return torch.cat([old, new], dim=-1)[:, None]
 
-    def forward(self, tokens: torch.Tensor, cache: StaticKVCache, new_len: torch.Tensor):
+    def forward(self, tokens: torch.Tensor, cache: StaticKVCache, new_len: torch.Tensor,
+                depth: torch.Tensor | None = None, anc: torch.Tensor | None = None):
         """Run the decoder over ``T`` new tokens per row, reading (never writing) the cache.
 
         Args:
             tokens: ``[B, T]`` int64; row ``b``'s first ``new_len[b]`` are real, the rest padding.
-            cache: committed K/V and per-row lengths; token ``i`` of row ``b`` sits at position
-                ``cache.lengths[b] + i``.
+            cache: committed K/V and per-row lengths.
             new_len: ``[B]`` int64 in ``[0, T]``.
+            depth, anc: a draft tree (both or neither): token ``i`` of row ``b`` sits at position
+                ``cache.lengths[b] + depth[b, i]`` and attends to the new tokens ``j`` with
+                ``anc[b, i, j]`` (``[B, T, T]`` bool, its ancestors and itself). None: a chain, token
+                ``i`` at ``cache.lengths[b] + i``, attending to new tokens ``<= i``.
 
         Returns:
             hidden ``[B, T, H]`` final (post-norm) hidden states, and the step's keys/values
@@ -124,11 +130,12 @@ class NativeBackbone:
         """
         B, T = tokens.shape
         S = int(cache.lengths.max())
-        pos = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+        offset = torch.arange(T, device=tokens.device)[None] if depth is None else depth
+        pos = cache.lengths[:, None] + offset  # [B, T]
         x = self.inner.embed_tokens(tokens)  # [B, T, H]
         cos, sin = self.inner.rotary_emb(x, pos)  # [B, T, D] each
         cos, sin = cos[:, None], sin[:, None]
-        mask = self._attention_mask(cache.lengths, new_len, S, T)
+        mask = self._attention_mask(cache.lengths, new_len, S, T, anc)
         L = len(self.layers)
         new_k = torch.empty((L, B, self.kv_heads, T, self.head_dim), dtype=x.dtype, device=x.device)
         new_v = torch.empty_like(new_k)

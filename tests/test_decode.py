@@ -135,6 +135,51 @@ def test_step_token_cap_limits_guesses_and_keeps_lossless_exact(monkeypatch):
     assert sum(free.accept_hist[2:]) > 0 and free.forward_passes < stats.forward_passes
 
 
+def test_draft_tree_verifies_lookup_and_heads_branches_together(monkeypatch):
+    """Lookup guesses and head guesses form two branches of one draft tree, verified in one forward.
+
+    An oracle lookup (the true continuation, its first guess spoiled on every other call) competes with
+    oracle heads spoiled at other places; the output must equal greedy, and both branches must win steps:
+    the lookup's deep ones (depth 3 > k = 2) and the heads' when the lookup was spoiled.
+    """
+    model = tiny_model("qwen2")
+    ids, mask = left_pad(PROMPTS)
+    want = hf_greedy(model, ids, mask, 24)
+    seqs = [want[b][mask[b].bool().tolist() + [True] * 24].tolist() for b in range(len(PROMPTS))]
+    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every=3))
+    calls = [0]
+
+    def oracle_lookup(ctx, max_tokens, max_ngram=3, min_ngram=1):
+        if min_ngram < 2:
+            return []  # no 1-gram fallback: one lookup branch per step
+        calls[0] += 1
+        for seq in seqs:
+            if seq[: len(ctx)] == ctx:
+                guess = seq[len(ctx): len(ctx) + max_tokens]
+                if calls[0] % 2 == 0 and guess:
+                    guess[0] = (guess[0] + 1) % 1000  # spoiled: only the heads' branch can be right
+                return guess
+        return []
+
+    monkeypatch.setattr(decode, "lookup_continuation", oracle_lookup)
+    wins, original = [], decode._verify
+
+    def spy(ids_, tree, mode):
+        best = original(ids_, tree, mode)
+        for b in range(tree.tokens.shape[0]):
+            if tree.n_fed[b] > 1 and tree.depth[b, best[b]] > 0:
+                wins.append("lookup" if bool(tree.anc[b, best[b], 1]) else "heads")
+        return best
+
+    monkeypatch.setattr(decode, "_verify", spy)
+    got, stats = clp_fast.generate(model, ids, random_heads(model, 2), attention_mask=mask, max_new_tokens=24,
+                                   mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=4,
+                                   return_stats=True)
+    assert_equal_ids(got, want)
+    assert sum(stats.accept_hist[3:]) > 0, stats.accept_hist  # deeper than the heads reach: the lookup branch
+    assert "heads" in wins and "lookup" in wins, wins
+
+
 def test_clp_mode_takes_guesses_unverified(monkeypatch):
     model = tiny_model("qwen2")
     ids, mask = left_pad(PROMPTS)
