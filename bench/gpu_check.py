@@ -120,11 +120,17 @@ def check_fused(name, H, V, R, k, dname) -> dict:
     rand_conf_ok = bool(torch.isclose(r_conf, rr_conf, atol=atol, rtol=rtol).all())
     conf_err = max(conf_err, (r_conf - rr_conf).abs().max().item())
     conf_ok = conf_ok and rand_conf_ok
-    ok = ids_ok and conf_ok
+    # Draft vocabulary (head rows over W[:V // 4]): kernel against reference on the planted inputs.
+    d_ids, d_conf, _ = fused_heads(*args, draft_vocab=V // 4)
+    dr_ids, dr_conf, _ = reference.fused_heads(*args, draft_vocab=V // 4)
+    draft_ok = torch.equal(d_ids, dr_ids) and bool(torch.isclose(d_conf, dr_conf, atol=atol, rtol=rtol).all())
+    ok = ids_ok and conf_ok and draft_ok
     print(f"CORRECT fused_heads {name} H={H} V={V} R={R} k={k} {dname}: {'PASS' if ok else 'FAIL'} "
-          f"(planted ids equal={ids_ok}, max conf err={conf_err:.2e}, accept agree={acc_eq:.2f}, "
+          f"(planted ids equal={ids_ok}, draft-vocab equal={draft_ok}, max conf err={conf_err:.2e}, "
+          f"accept agree={acc_eq:.2f}, "
           f"random-data ids agree={rand_same:.3f})")  # fmt: skip
-    return dict(check="fused_heads", shape=name, H=H, V=V, R=R, k=k, dtype=dname, ok=ok, conf_err=conf_err,
+    return dict(check="fused_heads", shape=name, H=H, V=V, R=R, k=k, dtype=dname, ok=ok, draft_ok=draft_ok,
+                conf_err=conf_err,
                 accept_agree=acc_eq, random_ids_agree=rand_same)  # fmt: skip
 
 
