@@ -63,7 +63,7 @@ BASELINE = "hf-greedy"
 PROMPT_LOOKUP = "hf-prompt-lookup"
 DEFAULTS = {  # sized so that `make bench` takes <= 15 min on the project's 2-core CPU (see the README)
     "n_humaneval": 4, "n_prose": 2, "max_new_tokens": 128,
-    "batch_sizes": "1,4", "batch_new_tokens": 32, "batch_reps": 1,
+    "batch_sizes": "1,4,16", "batch_new_tokens": 32, "batch_reps": 1,
 }
 FULL = {
     "n_humaneval": 164, "n_prose": 32, "max_new_tokens": 128,
