@@ -246,9 +246,12 @@ def test_shipped_smollm2_heads_speed_up_lossless_decoding():
     model, tok = load_model(name, dtype="fp32")
     heads = MTPHeads.from_pretrained(folder, model=model)
     res = train.evaluate_heads(model, heads, humaneval_prompts(3), tokenizer=tok, max_new_tokens=64)
-    # Measured on the committed assets (2026-11-29, bf16): tau 1.43, head-1 top-1 0.09. The issue asks for
-    # tau > 1.5: not reached yet (see the training card); this bar is what the shipped heads do reach, so a
-    # broken or mismatched asset still fails here.
-    assert res["lossless_tau"] > 1.3, res
+    # Measured on the committed assets with the draft-tree engine (2026-11-29, fp32, 1 and 2 threads alike):
+    # tau 1.51, head-1 top-1 0.11. The issue asks for tau > 1.5; one extra forward on one row moves tau by
+    # ~0.012, so the bar keeps that much headroom below the measured value. Same prompts: random heads
+    # (std 0.05) give tau 1.41 and head-1 0.035, so a broken or mismatched asset fails; untrained zero-init
+    # heads (each repeats the backbone's token) give 1.71, because SmolLM2's greedy output here repeats
+    # tokens -- these heads were trained on stdlib code, where it does not.
+    assert res["lossless_tau"] > 1.45, res
     assert res["head_top1"][0] > 0.05, res  # random-weight heads score ~0 on the same prompts
     assert res["lossless_equal_greedy"] == 1.0, res
