@@ -472,6 +472,8 @@ PROFILED = [
     (decode, "_draft", "LM head + argmax/softmax"),  # _draft's own time once heads and policy are taken out
     (reference, "clp_accept_lengths", "CLP policy"),
     (GatePolicy, "accept_lengths", "gate policy"),
+    (decode, "_lossless_tree", "draft tree (lookup + trie)"),
+    (decode, "_chain_tree", "draft chain"),
     (decode, "_verify", "verify"),
     (backend, "commit_kv_span_", "commit KV span"),
     (decode, "_emit", "emit (budget/EOS)"),
