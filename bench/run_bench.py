@@ -874,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "Speedups are vs hf-greedy measured in the same run (median of per-prompt tokens/s ratios; total = total "
         "tokens / total time, the total-time ratio when lengths match). τ = tokens per forward (prefill "
-        "included; HF forwards counted by a hook). Accepted 0..k = share of steps taking that many head guesses. "
+        "included; HF forwards counted by a hook). Accepted 0..k = share of steps taking that many guesses "
+        "(lossless: head or lookup guesses, up to max(k, 6)). "
         "seq-rep-4 = 1 − unique/total 4-grams of the generated ids, mean over prompts. Peak RSS: " + mem.method
         + f", in MiB (+ growth during the call). Warm-up {warmup_s:.0f} s; whole run {elapsed / 60:.1f} min.",
     ]
