@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-lookup", type=int,
                    help="lossless: guesses copied from the context (default max(k, 6); 0 off)")
     g.add_argument("--max-step-tokens", type=int, default=MAX_STEP_TOKENS,
-                   help="lossless: cap on tokens one forward feeds over the batch (default %(default)s; 0 off)")
+                   help="lossless: cap on tokens one forward feeds over the batch, at least one guess per row "
+                        "(default %(default)s; 0 off)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     g.add_argument("--device", default="cpu")

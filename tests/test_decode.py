@@ -109,7 +109,7 @@ def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, mo
     monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every))
     got, stats = clp_fast.generate(model, ids, random_heads(model, 4), attention_mask=mask, max_new_tokens=30,
                                    mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=0,
-                                   return_stats=True)
+                                   max_step_tokens=None, return_stats=True)  # all k guesses for every row
     assert_equal_ids(got, want)
     assert stats.new_tokens == [30] * 4
     assert sum(stats.accept_hist[1:]) > 0, stats.accept_hist  # some guesses were accepted ...
@@ -120,7 +120,8 @@ def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, mo
 
 
 def test_step_token_cap_limits_guesses_and_keeps_lossless_exact(monkeypatch):
-    """max_step_tokens=8 over 4 rows leaves each row 8 // 4 - 1 = 1 guess a step, even with right guesses."""
+    """max_step_tokens=8 over 4 rows leaves each row 8 // 4 - 1 = 1 guess a step, even with right guesses; a cap
+    below 2 tokens per row still leaves each row its one guess."""
     model = tiny_model("qwen2")
     ids, mask = left_pad(PROMPTS)
     want = hf_greedy(model, ids, mask, 20)
@@ -131,6 +132,9 @@ def test_step_token_cap_limits_guesses_and_keeps_lossless_exact(monkeypatch):
     got, stats = clp_fast.generate(model, ids, random_heads(model, 4), max_step_tokens=8, **kw)
     assert_equal_ids(got, want)
     assert stats.accept_hist[1] > 0 and sum(stats.accept_hist[2:]) == 0, stats.accept_hist
+    got, floor = clp_fast.generate(model, ids, random_heads(model, 4), max_step_tokens=1, **kw)
+    assert_equal_ids(got, want)
+    assert floor.accept_hist == stats.accept_hist and floor.forward_passes == stats.forward_passes
     _, free = clp_fast.generate(model, ids, random_heads(model, 4), max_step_tokens=None, **kw)
     assert sum(free.accept_hist[2:]) > 0 and free.forward_passes < stats.forward_passes
 
@@ -174,7 +178,7 @@ def test_draft_tree_verifies_lookup_and_heads_branches_together(monkeypatch):
     monkeypatch.setattr(decode, "_verify", spy)
     got, stats = clp_fast.generate(model, ids, random_heads(model, 2), attention_mask=mask, max_new_tokens=24,
                                    mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=4,
-                                   return_stats=True)
+                                   max_step_tokens=None, return_stats=True)  # whole trees for every row
     assert_equal_ids(got, want)
     assert sum(stats.accept_hist[3:]) > 0, stats.accept_hist  # deeper than the heads reach: the lookup branch
     assert "heads" in wins and "lookup" in wins, wins
