@@ -38,8 +38,8 @@ LOOKUP_WIDTH = 6
 # past ~10 fed tokens, mostly in the LM head (each fed token is a full-vocabulary logit row plus k draft rows).
 # Qwen2.5-Coder-0.5B, k = 2, bf16, 2 threads, HumanEval, lossless tok/s over transformers' batched greedy
 # (bench/sweep_step_cap.py, 2 batches of 64 / 48 / 32 tokens at B = 4 / 8 / 16, +-10 % noise):
-# B = 4: 1 guess per row 1.16x, 2: 1.08x, 3: 1.03x, 7: 0.90x, none: 0.86x; B = 8: 1 guess 1.20x, 2: 1.10x,
-# none 1.05x; B = 16: 1 guess 0.95x, none 0.89x. B = 1 stays uncapped.
+# B = 4: 1 guess per row 1.16x, 2: 1.08x, 3: 1.03x, 7: 0.90x, 0: 0.86x; B = 8: 1 guess 1.20x, 2: 1.10x,
+# 0: 1.05x; B = 16: 1 guess 0.95x, 0: 0.89x. B = 1 stays uncapped.
 MAX_STEP_TOKENS = 10
 POLICIES = ("clp", "gate")
 
