@@ -63,11 +63,11 @@ BASELINE = "hf-greedy"
 PROMPT_LOOKUP = "hf-prompt-lookup"
 DEFAULTS = {  # sized so that `make bench` takes <= 15 min on the project's 2-core CPU (see the README)
     "n_humaneval": 4, "n_prose": 2, "max_new_tokens": 128,
-    "batch_sizes": "1,4,16", "batch_new_tokens": 32, "batch_reps": 1,
+    "batch_sizes": "1,4,16", "batch_new_tokens": 32, "batch_reps": 1, "batch_k": 2,
 }
 FULL = {
     "n_humaneval": 164, "n_prose": 32, "max_new_tokens": 128,
-    "batch_sizes": "1,4,16", "batch_new_tokens": 128, "batch_reps": 2,
+    "batch_sizes": "1,4,16", "batch_new_tokens": 128, "batch_reps": 2, "batch_k": 2,
 }
 # End-of-text tokens that stop generation besides the generation config's EOS. The GGUF-converted
 # Qwen2.5 config names only <|im_end|>; Qwen's own generation_config.json also stops at
@@ -776,8 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", help=f"batched table (default {DEFAULTS['batch_sizes']}; '' to skip)")
     p.add_argument("--batch-new-tokens", type=int, help=f"default {DEFAULTS['batch_new_tokens']}")
     p.add_argument("--batch-reps", type=int, help="batches per B (default 1)")
-    p.add_argument("--batch-k", type=int, help="heads for the batched lossless run "
-                   "(default: 2, the best single-stream k measured here, else the largest of --ks)")
+    p.add_argument("--batch-k", type=int, help=f"heads for the batched lossless run (default {DEFAULTS['batch_k']}, "
+                   "the best single-stream k measured here; at most the heads' k)")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of each method's warm-up call (0: none)")
     p.add_argument("--exactness", action="store_true",
                    help="fp32 check that lossless == hf-greedy token for token (default 3 HumanEval + 1 prose)")
@@ -803,6 +803,8 @@ def _resolve(args) -> None:
             raise SystemExit(f"run_bench: --{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
     if args.n_humaneval + args.n_prose == 0:
         raise SystemExit("run_bench: no prompts (--n-humaneval 0 and --n-prose 0)")
+    if args.batch_k < 1:
+        raise SystemExit(f"run_bench: --batch-k {args.batch_k} must be >= 1")
     if args.max_new_tokens < 1:
         raise SystemExit(f"run_bench: --max-new-tokens {args.max_new_tokens} must be >= 1")
 
@@ -837,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(tok, args.n_humaneval, args.n_prose, args.seed)
     methods = make_methods(model, heads, args.ks, eos, pad, args.clp_threshold, counter)
     mem = PeakRSS()
-    batch_k = args.batch_k or (2 if 2 in (args.ks or []) else max(args.ks or [heads.k]))
+    batch_k = min(args.batch_k, heads.k)
     n_batched = sum(2 * args.batch_reps for _ in args.batch_sizes)
     total = len(prompts) * len(methods) + n_batched
     info = machine_info()

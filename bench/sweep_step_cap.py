@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import stop_ids  # noqa: E402
+from run_bench import BASELINE, ForwardCounter, make_methods, stop_ids  # noqa: E402
 
 import clp_fast  # noqa: E402
 from clp_fast import metrics  # noqa: E402
@@ -50,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch-size {args.batch_size}, --batches {args.batches}, --new-tokens {args.new_tokens} "
                 "must all be >= 1")
 
-    from transformers import GenerationConfig
-
     from clp_fast.assets import default_heads_for
     from clp_fast.data import humaneval_prompts
     from clp_fast.hub import load_model
@@ -60,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, dtype="bf16")
     heads = default_heads_for(model).truncated(args.k)
     eos, pad = stop_ids(model, tok), tok.pad_token_id
-    cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=args.new_tokens, eos_token_id=eos,
-                           pad_token_id=pad)
-    methods = {"hf": lambda ids, mask: model.generate(ids, attention_mask=mask, generation_config=cfg)}
+    hf = next(m for m in make_methods(model, heads, [], eos, pad, None, ForwardCounter(model)) if m.name == BASELINE)
+    methods = {"hf": lambda ids, mask: hf.run(ids, mask, args.new_tokens)[0]}  # the bench's own baseline
     for c in args.caps:
         methods[f"cap={c}"] = lambda ids, mask, c=c: clp_fast.generate(
             model, ids, heads, attention_mask=mask, max_new_tokens=args.new_tokens, eos_token_id=eos,
