@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from clp_fast import reference, train
+from clp_fast.train import fit, losses, shards
 from clp_fast.data import stdlib_dir
 from clp_fast.heads import MTPHeads
 
-ASSETS = Path(train.__file__).parent / "assets" / "heads"
+ASSETS = Path(reference.__file__).parent / "assets" / "heads"
 
 # Small enough for seconds per run; max_ram_gb this low forces ~4 sequences per shard, so every run
 # crosses shard boundaries (the disk-full and resume tests need several shards).
@@ -84,7 +85,7 @@ def _interrupted_run(model, tmp_path: Path, corpus, monkeypatch) -> None:
         if step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_after_step", interrupt)
+    monkeypatch.setattr(fit, "after_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
         _run(model, tmp_path, "out", corpus)
     monkeypatch.undo()
@@ -102,7 +103,7 @@ def _assert_same_heads(a: MTPHeads, b: MTPHeads) -> None:
 def test_training_lowers_the_loss(reference_run):
     out, heads = reference_run
     card = json.loads((out / "training_card.json").read_text())
-    hist = card["training"]["loss_history"]  # [step, loss, reg, ce]
+    hist = card["training"]["loss_history"]  # [step, loss, reg, ce, kl]
     assert hist[0][0] == 1 and hist[-1][0] == card["training"]["steps"]
     assert (hist[-1][1] + hist[-2][1]) / 2 < 0.85 * hist[0][1], hist
     assert heads.weight.abs().sum() > 0  # zero-initialised heads moved
@@ -144,7 +145,7 @@ def test_resume_after_interrupt_equals_uninterrupted(reference_run, model, corpu
         if step == 7:  # after the checkpoint at step 5: steps 6-7 are redone on resume
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_after_step", interrupt)
+    monkeypatch.setattr(fit, "after_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
         _run(model, tmp_path, "out", corpus)
     assert (tmp_path / "out-cache" / train.CKPT_NAME).is_file()
@@ -160,6 +161,8 @@ def test_resume_with_new_training_options_reuses_the_data(model, corpus, tmp_pat
     stamps = [s.stat().st_mtime_ns for s in shards]
     with pytest.raises(ValueError, match="max_tokens"):
         _run(model, tmp_path, "out", corpus, resume=True, max_tokens=2000)
+    with pytest.raises(ValueError, match="head_design"):
+        _run(model, tmp_path, "out", corpus, resume=True, head_design="medusa2")  # measurable, not shippable
     heads = _run(model, tmp_path, "out", corpus, resume=True, lr=5e-3)
     assert [s.stat().st_mtime_ns for s in shards] == stamps  # no hidden state recomputed
     assert json.loads((tmp_path / "out" / "training_card.json").read_text())["config"]["lr"] == 5e-3
@@ -196,7 +199,7 @@ def test_existing_output_folder_needs_resume_or_overwrite(model, corpus, tmp_pat
 
 def test_disk_full_while_writing_a_shard(reference_run, model, corpus, tmp_path, monkeypatch):
     _, ref = reference_run
-    real = train._save_tensors
+    real = shards.save_tensors
     calls = []
 
     def full_disk(tensors, path):
@@ -206,13 +209,13 @@ def test_disk_full_while_writing_a_shard(reference_run, model, corpus, tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device")
         real(tensors, path)
 
-    monkeypatch.setattr(train, "_save_tensors", full_disk)
+    monkeypatch.setattr(shards, "save_tensors", full_disk)
     with pytest.raises(OSError, match="disk full") as info:
         _run(model, tmp_path, "out", corpus)
     assert info.value.errno == errno.ENOSPC
-    shards = sorted((tmp_path / "out-cache" / "tf").glob("shard-*.safetensors"))
-    assert len(shards) == 2
-    for s in shards:
+    written = sorted((tmp_path / "out-cache" / "tf").glob("shard-*.safetensors"))
+    assert len(written) == 2
+    for s in written:
         load_file(str(s))  # intact
     assert not list((tmp_path / "out-cache" / "tf").glob(".*tmp*"))
     monkeypatch.undo()
@@ -255,3 +258,68 @@ def test_shipped_smollm2_heads_speed_up_lossless_decoding():
     assert res["lossless_tau"] > 1.45, res
     assert res["head_top1"][0] > 0.05, res  # random-weight heads score ~0 on the same prompts
     assert res["lossless_equal_greedy"] == 1.0, res
+
+
+# ------------------------------------------------------------------------- distillation, data cache
+def test_topk_kl_equals_a_hand_computed_case():
+    import math
+
+    cand = torch.tensor([0, 2, 5, 7])
+    logits = torch.tensor([[1.0, 2.0, 0.0, -1.0]])
+    top_ids = torch.tensor([[2, 5, 9]])  # 9 is past the draft vocabulary (8): dropped from q, q renormalised
+    top_logp = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
+    log_z = math.log(math.e + math.e**2 + 1.0 + math.e**-1)
+    q2, q5 = 0.5 / 0.8, 0.3 / 0.8
+    want = q2 * (math.log(q2) - (2.0 - log_z)) + q5 * (math.log(q5) - (0.0 - log_z))
+    got = losses.topk_kl(logits, cand, top_ids, top_logp, vocab_limit=8)
+    assert got.shape == (1,)
+    assert abs(float(got[0]) - want) < 1e-6, (float(got[0]), want)
+    # no kept id -> no loss; a target equal to the head's distribution -> 0
+    assert float(losses.topk_kl(logits, cand, torch.tensor([[9, 9, 9]]), top_logp, vocab_limit=8)[0]) == 0.0
+    lp = torch.log_softmax(logits, -1)
+    same = losses.topk_kl(logits, cand, cand[None], lp, vocab_limit=8)
+    assert abs(float(same[0])) < 1e-6
+
+
+def test_distillation_run_lowers_the_kl(model, corpus, tmp_path):
+    _run(model, tmp_path, "kl", corpus, top_k=8, kl_topk=8, kl_weight=1.0, ce_weight=0.0)
+    card = json.loads((tmp_path / "kl" / "training_card.json").read_text())
+    hist = card["training"]["loss_history"]  # [step, loss, reg, ce, kl]
+    assert card["training"]["loss_columns"] == ["step", "loss", "reg", "ce", "kl"]
+    assert hist[0][3] == 0.0 and hist[0][4] > 0  # KL only
+    assert (hist[-1][4] + hist[-2][4]) / 2 < 0.85 * hist[0][4], hist
+    data = load_file(str(sorted((tmp_path / "kl-cache" / "tf").glob("shard-*.safetensors"))[0]))
+    assert data["top_ids"].shape[-1] == 8 and data["top_logp"].dtype == torch.float16
+    # the cached top-1 is the argmax the training labels use
+    n = int(data["length"][0])
+    assert torch.equal(data["top_ids"][0, :n, 0], data["argmax"][0, :n])
+
+
+def test_truncated_shard_is_named_then_rebuilt_on_resume(reference_run, model, corpus, tmp_path):
+    _, ref = reference_run
+    _run(model, tmp_path, "out", corpus, data_only=True)
+    victim = sorted((tmp_path / "out-cache" / "tf").glob("shard-*.safetensors"))[1]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(shards.CorruptShardError, match=victim.name):
+        shards.load_shard(victim)
+    with pytest.raises(shards.CorruptShardError, match=victim.name):
+        fit.training_positions(tmp_path / "out-cache", train.TrainConfig(k=3))
+    _assert_same_heads(ref, _run(model, tmp_path, "out", corpus, resume=True))
+    shards.check_shard(victim)  # rebuilt, complete
+
+
+def test_grown_data_keeps_the_shards_that_match_the_new_plan(model, corpus, tmp_path):
+    _run(model, tmp_path, "out", corpus, data_only=True)
+    tf = tmp_path / "out-cache" / "tf"
+    before = {p.name: p.stat().st_mtime_ns for p in tf.glob("shard-*.safetensors")}
+    with pytest.raises(ValueError, match="--grow-data"):
+        _run(model, tmp_path, "out", corpus, data_only=True, resume=True, max_tokens=3200)
+    _run(model, tmp_path, "out", corpus, data_only=True, resume=True, grow_data=True, max_tokens=3200)
+    after = {p.name: p.stat().st_mtime_ns for p in tf.glob("shard-*.safetensors")}
+    assert len(after) > len(before)
+    kept = [name for name in before if after.get(name) == before[name]]
+    assert len(kept) >= len(before) - 1, (before, after)  # only a partial last shard may be rebuilt
+    plan = json.loads((tmp_path / "out-cache" / train.PLAN_NAME).read_text())
+    per = shards.load_meta(tf / "shard-00000.safetensors")["tokens"].shape[0]
+    for i, path in enumerate(sorted(tf.glob("shard-*.safetensors"))):
+        shards.check_shard(path, plan["tf"][i * per : (i + 1) * per])  # every shard holds the new plan's sequences
