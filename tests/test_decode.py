@@ -277,10 +277,13 @@ def test_stats_are_consistent():
 
 # --------------------------------------------------------------------------- real model (SmolLM2)
 def test_smollm2_lossless_equals_transformers_greedy_fp32(smollm2):
+    """The shipped SmolLM2 heads, heads only (no prompt lookup), ragged B=4 and B=1: output equals
+    transformers' greedy ``generate`` exactly in fp32, and the heads' guesses were actually accepted."""
+    from pathlib import Path
+
     model, tok = smollm2
-    heads = MTPHeads.for_model(model, 3)
-    with torch.no_grad():
-        heads.weight.normal_(std=0.02)
+    heads = MTPHeads.from_pretrained(Path(clp_fast.__file__).parent / "assets" / "heads" / "smollm2-135m-instruct",
+                                     model=model)
     texts = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
              "The capital of France is",
              "import os\nimport sys\n\ndef main():\n",
@@ -288,13 +291,16 @@ def test_smollm2_lossless_equals_transformers_greedy_fp32(smollm2):
     rows = [tok(t)["input_ids"] for t in texts]
     ids, mask = left_pad(rows, pad=tok.pad_token_id or 0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    want = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=pad)
-    got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=24, mode="lossless",
-                            pad_token_id=pad)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=pad)
+    got, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=32, mode="lossless",
+                                pad_token_id=pad, prompt_lookup=0, return_stats=True)
     assert_equal_ids(got, want)
-    single = clp_fast.generate(model, torch.tensor([rows[0]]), heads, max_new_tokens=24, mode="lossless")
-    assert_equal_ids(single, model.generate(torch.tensor([rows[0]]), max_new_tokens=24, do_sample=False,
+    assert sum(st.accept_hist[1:]) > 0, st.accept_hist  # some head guess was verified and kept
+    single, st1 = clp_fast.generate(model, torch.tensor([rows[0]]), heads, max_new_tokens=32, mode="lossless",
+                                    prompt_lookup=0, return_stats=True)
+    assert_equal_ids(single, model.generate(torch.tensor([rows[0]]), max_new_tokens=32, do_sample=False,
                                             pad_token_id=pad))
+    assert sum(st1.accept_hist[1:]) > 0, st1.accept_hist
 
 
 def test_fused_heads_logits_match_lm_head(tiny_qwen2):

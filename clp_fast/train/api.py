@@ -14,8 +14,16 @@ import torch
 
 from clp_fast.heads import MTPHeads, lm_head_fingerprint
 from clp_fast.train.build import build_data
-from clp_fast.train.config import (CKPT_NAME, DATA_FIELDS, KINDS, PLAN_NAME, RUN_MARKER, TrainConfig,
-                                   atomic_write_text, log)
+from clp_fast.train.config import (
+    CKPT_NAME,
+    DATA_FIELDS,
+    KINDS,
+    PLAN_NAME,
+    RUN_MARKER,
+    TrainConfig,
+    atomic_write_text,
+    log,
+)
 from clp_fast.train.plan import make_plan
 
 
@@ -89,7 +97,7 @@ def train_heads(
     data_only: bool = False,
     grow_data: bool = False,
     command: str | None = None,
-    ablation: dict | None = None,
+    ablation: dict | str | os.PathLike | None = None,
     **config,
 ) -> MTPHeads | dict:
     """Train k MTP heads + CLP (+ gate) for a frozen causal LM and write them to ``out_dir``.
@@ -119,7 +127,8 @@ def train_heads(
         grow_data: with ``resume``, accept changed data options (e.g. more ``max_tokens``): the plan is
             made again and every cached shard is checked against it; matching shards are kept.
         command: the command line that made this run, recorded in the training card.
-        ablation: an ablation table (``bench/ablate_heads.py``'s JSON) shown in the training card.
+        ablation: an ablation table (``bench/ablate_heads.py``'s JSON, or its path -- read when the card is
+            written, so an ablation still running at the start is complete by then) shown in the card.
         **config: any other :class:`TrainConfig` field (``batch_size``, ``lr``, ``kl_weight`` ...).
 
     Returns:

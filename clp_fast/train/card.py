@@ -7,22 +7,21 @@ import time
 from pathlib import Path
 
 from clp_fast.train.config import TRAIN_KINDS, TrainConfig
-from clp_fast.train.shards import load_meta, shard_paths, targets
+from clp_fast.train.shards import agree_runs, load_meta, shard_paths, targets
 
 
 def _data_volume(cfg: TrainConfig, plan: dict, cache: Path) -> dict:
     out = {}
     for kind in TRAIN_KINDS + ("heldout_tf", "heldout"):
-        paths = shard_paths(cache, kind)
-        pos = consistent = 0
-        cons = [0.0] * cfg.k
-        for p in paths:
+        pos, tokens, cons = 0, 0, [0.0] * cfg.k
+        for p in shard_paths(cache, kind):
             meta = load_meta(p)
-            flat, w = targets(meta, cfg.k, 0.0, from_gen=kind in ("gen", "heldout"))
+            flat, _ = targets(meta, cfg.k, 1.0, from_gen=kind == "heldout")
+            run = agree_runs(meta, cfg.k).view(-1, cfg.k)[flat]
             pos += len(flat)
-            cons = [c + float(w[:, j].sum()) for j, c in enumerate(cons)]
-            consistent += int(meta["length"].sum())
-        out[kind] = {"sequences": len(plan.get(kind, [])), "tokens": consistent, "positions": pos,
+            cons = [c + float(run[:, j].sum()) for j, c in enumerate(cons)]
+            tokens += int(meta["length"].sum())
+        out[kind] = {"sequences": len(plan.get(kind, [])), "tokens": tokens, "positions": pos,
                      "greedy_consistent_fraction": [c / max(1, pos) for c in cons]}
     return out
 
@@ -52,7 +51,8 @@ def _pr_lines(per_depth: list[dict]) -> list[str]:
 
 
 def ablation_md(ablation: dict) -> list[str]:
-    lines = [f"Ablation ({ablation.get('positions', '?')} training positions, {ablation.get('epochs', '?')} epoch(s), "
+    lines = [f"Ablation on {ablation.get('model', '?')} ({ablation.get('positions', '?')} training positions, "
+             f"{ablation.get('epochs', '?')} epoch(s), every variant from zero-init on the same batches; scored on "
              f"held-out teacher-forced rows with exact greedy labels; `{ablation.get('command', '')}`):", "",
              "| variant | head top-1 | head top-3 | chain | fit s |", "|---|---|---|---|---|"]
     for v in ablation["variants"]:
@@ -70,14 +70,16 @@ def card_md(card: dict) -> str:
              f"({card['wall_time_s'] / 60:.1f} min wall, 2-core CPU{budget}).", ""]
     if card.get("command"):
         lines += ["Reproduce:", "", "```", card["command"], "```", ""]
-    loss = " + ".join(f"{c[w]} x {n}" for w, n in (("ce_weight", "CE(argmax)"), ("kl_weight", f"KL(top-{c['kl_topk']})"),
-                                                   ("reg_weight", "logit MSE")) if c[w])
+    terms = (("ce_weight", "CE(argmax)"), ("kl_weight", f"KL(top-{c['kl_topk']})"), ("reg_weight", "logit MSE"))
+    loss = " + ".join(f"{c[w]} x {n}" for w, n in terms if c[w])
     lines += ["## Data", "",
               f"- corpus: {d['corpus']} ({d['files']['train']} training files, {d['files']['heldout']} held-out "
               "files); HumanEval function names excluded.",
               f"- backbone dtype while building: {c['dtype']}; per position: hidden state (bf16), argmax, "
-              f"top-{c['top_k']} ids and log-probabilities.", "",
-              "| source | sequences | tokens | positions | greedy-consistent targets per head |", "|---|---|---|---|---|"]
+              f"top-{c['top_k']} ids and log-probabilities.",
+              "",
+              "| source | sequences | tokens | positions | greedy-consistent targets per head |",
+              "|---|---|---|---|---|"]
     names = {"tf": "teacher-forced windows (training files)", "gen": "greedy continuations (training prompts)",
              "heldout_tf": "teacher-forced windows (held-out files)", "heldout": "greedy continuations (held-out)"}
     for kind, v in d["volume"].items():
@@ -86,9 +88,10 @@ def card_md(card: dict) -> str:
     lines += ["", f"Training: {card['training']['positions_per_epoch']} positions per epoch, "
               f"{card['training']['steps']} steps (batch {c['batch_size']}, {c['epochs']} epochs, lr {c['lr']}); "
               f"loss = {loss}.", "", "## Held-out results", "",
-              f"Teacher-forced held-out rows with known greedy labels and greedy continuations of held-out prompts "
-              f"({r['heldout_positions']} positions in all):", "",
-              "| head | top-1 | top-3 | P(heads 1..j all right) | top-1 on greedy continuations |", "|---|---|---|---|---|"]
+              "Teacher-forced held-out rows with known greedy labels and greedy continuations of held-out "
+              f"prompts ({r['heldout_positions']} positions in all):", "",
+              "| head | top-1 | top-3 | P(heads 1..j all right) | top-1 on greedy continuations |",
+              "|---|---|---|---|---|"]
     g = r["greedy_continuations"]
     for j in range(c["k"]):
         lines.append(f"| {j + 1} | {r['head_top1'][j]:.3f} | {r['head_top3'][j]:.3f} | {r['chain'][j]:.3f} | "

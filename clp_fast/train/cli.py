@@ -75,10 +75,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     ablation = None
     if args.ablation:
-        path = Path(args.ablation)
-        if not path.is_file():
+        ablation = Path(args.ablation)
+        if not ablation.is_file():
             raise ValueError(f"--ablation {args.ablation!r} is not a file")
-        ablation = json.loads(path.read_text())
     if args.threads:
         torch.set_num_threads(args.threads)
     from clp_fast.hub import load_model

@@ -18,7 +18,7 @@ from clp_fast.train.policies import chain_accuracy, fit_policies, head_accuracy,
 def finish_run(model, bb, plan: dict, cfg: TrainConfig, cache: Path, out_dir: Path, marker: Path, *,
                fingerprint: str, name: str, data_stats: dict, stage: dict, t_start: float, save_dtype: torch.dtype,
                keep_cache: bool, budget: str | None, command: str | None, progress: bool,
-               ablation: dict | None = None) -> MTPHeads:
+               ablation=None) -> MTPHeads:
     import json
 
     if cfg.head_design != "medusa1":
@@ -47,6 +47,8 @@ def finish_run(model, bb, plan: dict, cfg: TrainConfig, cache: Path, out_dir: Pa
                                         "head_top1": head_accuracy(gen_rows), "head_top3": head_accuracy(gen_rows, 3),
                                         "chain": chain_accuracy(gen_rows)},
                "policies": policies}
+    if ablation is not None and not isinstance(ablation, dict):
+        ablation = json.loads(Path(ablation).read_text())  # read now: the ablation may have run alongside
     card = make_card(cfg, plan, cache, name=name, fingerprint=fingerprint, budget=budget, command=command,
                      wall=time.perf_counter() - t_start, data_stats=data_stats, train_stats=train_stats,
                      results=results, stage=stage, thresholds=heads.thresholds, ablation=ablation)

@@ -64,7 +64,8 @@ def heldout_rows(z_fn, W: torch.Tensor, cache: torch.Tensor, k: int, vocab_limit
             h = data["hidden"].view(n * L, H)[flat]
             pending = data["argmax"].view(-1)[flat].long()
             tgt_idx = (flat[:, None] + torch.arange(1, k + 1)[None]).clamp(max=n * L - 1)
-            has = (t.repeat(n)[flat][:, None] + torch.arange(1, k + 1)[None]) < length.repeat_interleave(L)[flat][:, None]
+            pos, seq_len = t.repeat(n)[flat], length.repeat_interleave(L)[flat]
+            has = (pos[:, None] + torch.arange(1, k + 1)[None]) < seq_len[:, None]
             top, conf = head_predictions(z_fn(h.to(W.dtype), pending), W, vocab_limit)
             out["hidden"].append(h)
             out["conf"].append(conf)
