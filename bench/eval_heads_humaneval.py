@@ -86,6 +86,7 @@ def score(bb, heads: MTPHeads, seqs: list[tuple[list[int], list[int]]], hidden: 
             "clp_depth1_recall_at_p90": recall_at_precision(prob, y, known, 0.90)}
 
 
+@torch.inference_mode()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
