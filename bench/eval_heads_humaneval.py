@@ -36,7 +36,7 @@ from clp_fast.hub import load_model
 from clp_fast.model import NativeBackbone
 from clp_fast.train.build import greedy, prefill
 from clp_fast.train.evaluate import chain_tau
-from clp_fast.train.policies import recall_at_precision
+from clp_fast.train.policies import head_predictions, recall_at_precision
 
 
 def _commit() -> str:
@@ -57,21 +57,18 @@ def score(bb, heads: MTPHeads, seqs: list[tuple[list[int], list[int]]], hidden: 
         if not len(t):
             continue
         h = hid[t].to(bb.device)
-        lin = heads.clp.linear
-        out_ids, conf, _ = reference.fused_heads(h, heads.weight, heads.bias, bb.lm_head_weight, lin.weight,
-                                                 lin.bias, 0.5, draft_vocab=heads.draft_vocab)
         z = reference.head_hidden(h, heads.weight, heads.bias)[:, 1:]
-        lg = torch.nn.functional.linear(z.reshape(-1, z.shape[-1]), bb.lm_head_weight[: heads.draft_vocab]).float()
-        top3 = lg.topk(3, dim=-1).indices.view(len(t), k, 3).cpu()
+        top, conf = head_predictions(z, bb.lm_head_weight, heads.draft_vocab)  # top[..., 0]: the decode argmax
+        top = top.cpu()
         tj = t[:, None] + 1 + torch.arange(1, k + 1)[None]
         ok = tj < len(seq)
         tgt = torch.tensor(seq)[tj.clamp(max=len(seq) - 1)]
-        hit = (out_ids[:, 1:].cpu() == tgt) & ok
+        hit = (top[..., 0] == tgt) & ok
         hits.append(hit)
         oks.append(ok)
-        top3s.append((top3 == tgt[..., None]).any(-1) & ok)
+        top3s.append((top == tgt[..., None]).any(-1) & ok)
         taus.append(chain_tau(hit))
-        probs.append(torch.sigmoid(heads.clp.logits(h.float(), conf[:, 1:].float())).cpu())
+        probs.append(torch.sigmoid(heads.clp.logits(h.float(), conf.float())).cpu())
         ys.append(hit.long().cumprod(-1).float())
     hit, ok, top3 = torch.cat(hits), torch.cat(oks), torch.cat(top3s)
     full = ok.all(-1)

@@ -10,6 +10,8 @@ rows with an unknown label are masked out of that depth's fit and tables.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -37,7 +39,7 @@ def head_predictions(z: torch.Tensor, W: torch.Tensor, vocab_limit: int, top: in
 
 
 @torch.no_grad()
-def heldout_rows(z_fn, W: torch.Tensor, cache: torch.Tensor, k: int, vocab_limit: int, kinds=("heldout_tf",),
+def heldout_rows(z_fn, W: torch.Tensor, cache: Path, k: int, vocab_limit: int, kinds=("heldout_tf",),
                  progress: bool = False, max_rows: int | None = None) -> dict:
     """Decode-time rows of the held-out shards.
 

@@ -39,9 +39,7 @@ def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        from clp_fast.train import shards as me  # looked up at call time, so tests can patch save_tensors
-
-        me.save_tensors(tensors, tmp)
+        save_tensors(tensors, tmp)  # a module global, looked up at call time: tests patch it
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
