@@ -42,6 +42,34 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def _check_generate_args(args) -> list[str]:
+    """Every check that needs no model, run before one loads (a model takes seconds to load); returns the prompts."""
+    import torch
+
+    from clp_fast.heads import MAX_HEADS
+    from clp_fast.hub import resolve_model_path
+
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--threads", args.threads, 1),
+                             ("--k", args.k, 1), ("--prompt-lookup", args.prompt_lookup, 0),
+                             ("--max-step-tokens", args.max_step_tokens, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value} must be >= {low}")
+    if args.k is not None and args.k > MAX_HEADS:
+        raise ValueError(f"--k {args.k} must be <= {MAX_HEADS}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold {args.threshold} must be a probability in [0, 1]")
+    device = torch.device(args.device)  # a malformed name raises RuntimeError naming it
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available")
+    if args.heads:
+        for name in ("config.json", "heads.safetensors"):
+            if not (Path(args.heads) / name).is_file():
+                raise ValueError(f"--heads {args.heads}: {name} is missing (not a folder of saved MTP heads)")
+    prompts = _read_prompts(args)
+    resolve_model_path(args.model)  # unknown name, missing folder or unfetched model: no network, no load
+    return prompts
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -49,6 +77,7 @@ def cmd_generate(args) -> int:
     from clp_fast.heads import MTPHeads
     from clp_fast.hub import load_model
 
+    prompts = _check_generate_args(args)
     torch.set_num_threads(args.threads) if args.threads else None
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if tok is None:
@@ -62,7 +91,6 @@ def cmd_generate(args) -> int:
         heads = default_heads_for(model)
     if heads is not None and args.k is not None:
         heads = heads.truncated(args.k)
-    prompts = _read_prompts(args)
     if args.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    for p in prompts]
@@ -112,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fetch)
 
     g = sub.add_parser("generate", help="decode prompts in greedy / lossless / clp mode")
-    g.add_argument("--model", required=True, help="known name, local transformers folder, or Hub id")
+    g.add_argument("--model", required=True, help="known model name or local transformers folder")
     g.add_argument("--heads", help="folder of trained MTP heads (default: the shipped heads for the model)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")

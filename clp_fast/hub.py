@@ -379,8 +379,8 @@ def fetch(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, progress
 
 
 def _looks_like_path(name: str) -> bool:
-    """A Hub id is ``name`` or ``org/name``; anything else that is not a folder was meant as a path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
+    """Whether ``name`` was meant as a folder (rather than a model name): it has a path separator or prefix."""
+    return name.startswith(("/", ".", "~")) or "/" in name or "\\" in name or os.path.exists(name)
 
 
 def resolve_model_path(
@@ -390,12 +390,15 @@ def resolve_model_path(
 
     A known model not yet fetched raises ``FileNotFoundError`` telling the user to run
     ``clp-fast fetch NAME``, unless ``fetch_if_missing`` (then it is downloaded). Anything else
-    raises ``ValueError``.
+    raises ``ValueError`` (listing the known names); nothing here touches the network.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
+    known = ", ".join(sorted(KNOWN_MODELS))
+    if name not in KNOWN_MODELS and _looks_like_path(name):
+        raise ValueError(f"model folder {name!r} does not exist (known model names: {known})")
     if name in KNOWN_MODELS:
         folder = (Path(home) if home else clp_home()) / "models" / name
         if _is_complete(folder, KNOWN_MODELS[name].sha256):
@@ -405,9 +408,7 @@ def resolve_model_path(
         raise FileNotFoundError(
             f"model {name!r} has not been fetched (expected at {folder}); run `clp-fast fetch {name}` first"
         )
-    raise ValueError(
-        f"{name!r} is neither a local model folder nor a known model name; known: {', '.join(sorted(KNOWN_MODELS))}"
-    )
+    raise ValueError(f"unknown model {name!r}: neither a local model folder nor a known model name; known: {known}")
 
 
 def _check_safetensors(path: Path) -> None:
@@ -454,11 +455,11 @@ def load_model(
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
 
     ``model`` is a local transformers folder, a known model name (see :data:`KNOWN_MODELS`; must
-    be fetched unless ``fetch_if_missing``), an already loaded ``PreTrainedModel`` (returned as it
+    be fetched unless ``fetch_if_missing``), or an already loaded ``PreTrainedModel`` (returned as it
     is -- dtype and device unchanged -- with the tokenizer of its ``name_or_path`` if one is found
-    locally, else ``None``), or, if none of these, a Hugging Face Hub id, loaded normally.
-    Local folders and known names never touch the Hub. A truncated or corrupted safetensors file
-    raises ``ValueError`` naming the file.
+    locally, else ``None``). Anything else raises ``ValueError`` listing the known names, before
+    any network attempt: loading is offline (``local_files_only``); only :func:`fetch` downloads.
+    A truncated or corrupted safetensors file raises ``ValueError`` naming the file.
     """
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -471,23 +472,13 @@ def load_model(
     if not isinstance(model, (str, Path)):
         raise TypeError(f"model must be a path, a model name or a PreTrainedModel, got {type(model).__name__}")
     dtype = parse_dtype(dtype)
-    name = str(model)
-    if Path(name).expanduser().is_dir() or name in KNOWN_MODELS:
-        folder = resolve_model_path(name, home=home, fetch_if_missing=fetch_if_missing)
-        shards = sorted(folder.glob("*.safetensors"))
-        for shard in shards:
-            _check_safetensors(shard)
-        try:
-            loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **{_dtype_kwarg(): dtype})
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            names = ", ".join(str(s) for s in shards) or "(no safetensors files)"
-            raise ValueError(f"cannot load model from {folder} [{names}]: {err}") from err
-        tokenizer = _load_tokenizer(folder)
-    elif _looks_like_path(name):
-        raise ValueError(f"model folder {name!r} does not exist")
-    else:  # a Hub id the user asked for explicitly
-        from transformers import AutoTokenizer
-
-        loaded = AutoModelForCausalLM.from_pretrained(name, **{_dtype_kwarg(): dtype})
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    return loaded.to(device).eval(), tokenizer
+    folder = resolve_model_path(model, home=home, fetch_if_missing=fetch_if_missing)
+    shards = sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        _check_safetensors(shard)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **{_dtype_kwarg(): dtype})
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        names = ", ".join(str(s) for s in shards) or "(no safetensors files)"
+        raise ValueError(f"cannot load model from {folder} [{names}]: {err}") from err
+    return loaded.to(device).eval(), _load_tokenizer(folder)
