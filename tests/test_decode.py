@@ -242,6 +242,28 @@ def test_gate_policy_runs_in_clp_mode():
     assert heads.num_parameters_report()["gate"] > 100_000
 
 
+@pytest.mark.parametrize("policy", ["clp", "gate"])
+def test_policy_probability_exactly_at_the_threshold_is_accepted(policy):
+    """Through the engine: a CLP / gate whose last layer is zero says sigmoid(0) = 0.5 for every guess. At
+    clp_threshold=0.5 every step takes all k guesses (``>=``); at the next float32 above 0.5 none."""
+    model = tiny_model("qwen2")
+    k, n_new = 3, 12
+    heads = MTPHeads.for_model(model, k, with_gate=True)  # the CLP starts at zero weights and bias
+    with torch.no_grad():
+        heads.gate.net[0].weight.normal_()
+        heads.gate.net[2].weight.zero_()
+        heads.gate.net[2].bias.zero_()
+    ids, mask = left_pad(PROMPTS)
+    above = torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)).item()
+    kw = dict(attention_mask=mask, max_new_tokens=n_new, mode="clp", policy=policy, eos_token_id=[], pad_token_id=0,
+              return_stats=True)
+    _, at = clp_fast.generate(model, ids, heads, clp_threshold=0.5, **kw)
+    assert at.accept_hist[k] == 4 * (n_new // (k + 1)), at.accept_hist  # every step of every row took k guesses
+    assert sum(at.accept_hist[:k]) == 0, at.accept_hist
+    _, over = clp_fast.generate(model, ids, heads, clp_threshold=above, **kw)
+    assert sum(over.accept_hist[1:]) == 0 and over.tau == 1.0, over.accept_hist
+
+
 @pytest.mark.parametrize("mode", ["greedy", "lossless"])
 def test_each_batched_row_equals_that_row_alone_with_eos(mode):
     model = tiny_model("qwen2")

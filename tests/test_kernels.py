@@ -7,6 +7,7 @@ Triton is imported, hence the assignment above the imports. The kernels are call
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -91,9 +92,17 @@ def assert_conf_close(conf, ref_conf, dtype):
     assert bool(ok.all()), first_mismatch(torch.where(ok, ref_conf, conf), ref_conf)
 
 
-def assert_accept_equal_off_threshold(args, accept, ref_conf, threshold, eps=1e-3):
-    """Accept lengths equal except where a CLP probability is within eps of the threshold."""
+# How close to the threshold a CLP probability may sit and still differ from the reference's decision. The
+# CLP logit sums H + k products in another order (fp32: ~1e-6 apart); in bf16/fp16 the confidences it reads
+# may differ by CONF_TOL (up to 2 % relative), which moves the probability by up to ~1e-3 here.
+CLP_EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+
+
+def assert_accept_equal_off_threshold(args, accept, ref_conf, threshold):
+    """Accept lengths equal except where a CLP probability is within CLP_EPS[dtype] of the threshold (the
+    exact-threshold case itself is pinned by test_clp_probability_exactly_at_the_threshold_is_accepted)."""
     hidden, clp_weight, clp_bias = args[0], args[4], args[5]
+    eps = CLP_EPS[hidden.dtype]
     lo = reference.clp_accept_lengths(hidden, ref_conf[:, 1:], clp_weight, clp_bias, threshold - eps)
     hi = reference.clp_accept_lengths(hidden, ref_conf[:, 1:], clp_weight, clp_bias, threshold + eps)
     ref = reference.clp_accept_lengths(hidden, ref_conf[:, 1:], clp_weight, clp_bias, threshold)
@@ -156,12 +165,39 @@ def test_fused_heads_planted_winners_and_ties(R, H, V, k, dtype):
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
 def test_clp_decisions(threshold):
+    """Accept lengths equal the reference's, with a CLP whose decisions depend on both of its inputs: each
+    head's confidence (planted rows ~1, the others 0.4-0.9) weighted 6 against its own logit, centred on 0.8,
+    plus a hidden-state term of unit spread."""
     R, H, V, k = 33, 64, 1000, 4
-    args, _ = make_inputs(R, H, V, k, torch.float32, clp_scale=3.0)
+    args, _ = make_inputs(R, H, V, k, torch.float32, plant=True)
+    args[0][1::2] = torch.randn(R // 2, H, device=args[0].device)  # odd rows lose their planted winner
+    args[4][:, :H] = torch.randn(k, H) * 0.7 / H**0.5
+    args[4][:, H:] = 6.0 * torch.eye(k)
+    args[5][:] = math.log(threshold / (1 - threshold)) - 6.0 * 0.8
     ids, conf, accept = fh_mod.fused_heads(*args, threshold=threshold)
     ref_ids, ref_conf, ref_accept = reference.fused_heads(*args, threshold=threshold)
     assert len(set(ref_accept.tolist())) >= 3, "CLP weights give too few distinct decisions to test"
+    # Confidences near 1 (planted rows) and near 0 (the others) must matter to the decision, or a kernel that
+    # dropped the CLP's confidence inputs would pass.
+    blind = reference.clp_accept_lengths(args[0], torch.zeros_like(ref_conf[:, 1:]), args[4], args[5], threshold)
+    assert int((blind != ref_accept).sum()) >= 3, "the heads' confidences do not move any decision"
     assert_accept_equal_off_threshold(args, accept, ref_conf, threshold)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clp_probability_exactly_at_the_threshold_is_accepted(dtype):
+    """Zero CLP weights and bias: every row's probability is sigmoid(0) = 0.5 exactly, in every dtype. At
+    threshold 0.5 the kernel takes all k guesses like the reference (``>=``); at the next float32 above
+    0.5 it takes none."""
+    R, H, V, k = 5, 64, 1000, 3
+    args, _ = make_inputs(R, H, V, k, dtype)
+    args = (*args[:4], torch.zeros_like(args[4]), torch.zeros_like(args[5]))
+    above = torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)).item()
+    for threshold, want in [(0.5, k), (above, 0)]:
+        accept = fh_mod.fused_heads(*args, threshold=threshold)[2]
+        ref_accept = reference.fused_heads(*args, threshold=threshold)[2]
+        assert torch.equal(ref_accept.cpu(), torch.full((R,), want)), ref_accept
+        assert torch.equal(accept, ref_accept), (threshold, accept, ref_accept)
 
 
 def test_no_clp_accepts_all_heads():

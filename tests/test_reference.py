@@ -80,6 +80,20 @@ def test_clp_accept_lengths_longest_prefix():
     assert got == [1, 3, 0]  # a later "yes" after a "no" is not taken
 
 
+def test_clp_probability_exactly_at_the_threshold_is_accepted():
+    """The rule is ``sigmoid >= threshold``: zero weights and bias give sigmoid(0) = 0.5 exactly, so
+    threshold 0.5 takes every guess and the next float32 above 0.5 takes none (``>`` would give 0 at 0.5)."""
+    R, H, V, k = 3, 8, 50, 3
+    hidden, W = torch.randn(R, H), torch.randn(V, H)
+    cw, cb = torch.zeros(k, H + k), torch.zeros(k)
+    above = torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)).item()
+    assert reference.clp_accept_lengths(hidden, torch.rand(R, k), cw, cb, 0.5).tolist() == [k] * R
+    assert reference.clp_accept_lengths(hidden, torch.rand(R, k), cw, cb, above).tolist() == [0] * R
+    args = (hidden, torch.zeros(k, H, H), torch.zeros(k, H), W, cw, cb)
+    assert reference.fused_heads(*args, threshold=0.5)[2].tolist() == [k] * R
+    assert reference.fused_heads(*args, threshold=above)[2].tolist() == [0] * R
+
+
 def test_fused_heads_without_clp_accepts_all_k():
     ids, conf, accept = reference.fused_heads(torch.randn(4, 8), torch.zeros(3, 8, 8), torch.zeros(3, 8),
                                               torch.randn(20, 8))
