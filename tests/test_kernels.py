@@ -163,6 +163,33 @@ def test_fused_heads_planted_winners_and_ties(R, H, V, k, dtype):
     assert_conf_close(conf, ref_conf, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tie_across_tiles_of_one_split_goes_to_the_lower_index(dtype):
+    """Deterministic: each row's winner is tied bit for bit with a token one vocabulary tile *earlier in the
+    same split*, so the kernel's running argmax (not the merge over splits) must keep the lower index."""
+    R, H, V, k = 3, 64, 1000, 2
+    args, targets = make_inputs(R, H, V, k, dtype, plant=True)
+    cfg = fh_mod._config(args[0].device, R * (k + 1), V, H, dtype)
+    bv, tps = cfg["BLOCK_V"], cfg["tiles_per_split"]
+    assert tps >= 2 and cfg["n_splits"] >= R, f"need >= 2 tiles in each of {R} splits for this test: {cfg}"
+    W = args[3]
+    winners = W[targets.to(W.device)].clone()
+    W[targets.to(W.device)] = 0.0
+    expected = []
+    for r in range(R):
+        low = r * tps * bv + 1 + r  # tile 0 of split r
+        high = low + bv  # tile 1 of split r
+        assert high < min(V, (r + 1) * tps * bv)
+        W[low] = W[high] = winners[r]
+        expected.append(low)
+    ids, conf, _ = fh_mod.fused_heads(*args)
+    ref_ids, ref_conf, _ = reference.fused_heads(*args)
+    want = torch.tensor(expected, device=ref_ids.device)[:, None].expand(R, k + 1)
+    assert torch.equal(ref_ids, want), "planting failed"
+    assert torch.equal(ids, ref_ids), first_mismatch(ids, ref_ids)
+    assert_conf_close(conf, ref_conf, dtype)
+
+
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
 def test_clp_decisions(threshold):
     """Accept lengths equal the reference's, with a CLP whose decisions depend on both of its inputs: each
