@@ -24,6 +24,7 @@ import torch
 from clp_fast import backend
 from clp_fast.heads import MTPHeads
 from clp_fast.lookup import lookup_continuation
+from clp_fast.memory import check_cache_fits
 from clp_fast.model import NativeBackbone, StaticKVCache
 
 __all__ = ["MODES", "DecodeStats", "generate", "left_pad"]
@@ -358,6 +359,7 @@ def generate(
     prompt_lookup: int | None = None,
     max_step_tokens: int | None = MAX_STEP_TOKENS,
     return_stats: bool = False,
+    max_cache_bytes: int | None = None,
 ):
     """Decode ``max_new_tokens`` tokens for each row of a (left-padded) batch.
 
@@ -381,6 +383,8 @@ def generate(
             always pays on the 2-core CPU, more stop paying as the batch grows; see
             :data:`MAX_STEP_TOKENS`); None or 0 = no cap. Only speed changes, never the output.
         return_stats: also return a :class:`DecodeStats`.
+        max_cache_bytes: refuse (:class:`clp_fast.memory.CacheTooLargeError`) a static KV cache larger than this;
+            one larger than the memory available on the device is always refused, before it is allocated.
 
     Returns:
         ``[B, P + G]`` int64: the input followed by up to G generated tokens per row, finished
@@ -425,6 +429,7 @@ def generate(
     # Unpad: row b's real tokens, left-aligned, so cache slot == position.
     order = torch.sort(mask, dim=-1, descending=True, stable=True).indices  # real tokens first, order kept
     prompts = torch.gather(input_ids, 1, order)  # [B, P]
+    check_cache_fits(bb, B, max_len, max_cache_bytes)  # a named error now, rather than the OS's OOM killer later
     cache = bb.allocate_cache(B, max_len)
     stats = DecodeStats(mode=mode, accept_hist=[0] * (width + 1))
 

@@ -4,6 +4,7 @@ training runs end as an uninterrupted run would."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -83,3 +84,72 @@ def test_cli_unfetched_model_is_named_before_loading(model_never_loads, monkeypa
     monkeypatch.setenv("CLP_FAST_HOME", str(tmp_path))
     assert cli_main(["generate", "--model", "smollm2-135m-instruct", "--prompt", "x"]) == 2
     assert "clp-fast fetch smollm2-135m-instruct" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- memory before allocation
+def _tiny_ids(B: int, P: int = 5) -> torch.Tensor:
+    return torch.randint(3, 1000, (B, P))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cache_estimate_equals_the_allocated_bytes(dtype):
+    from conftest import tiny_model
+
+    from clp_fast.memory import static_cache_bytes
+    from clp_fast.model import NativeBackbone
+
+    bb = NativeBackbone(tiny_model("qwen2", dtype=dtype))
+    cache = bb.allocate_cache(3, 37)
+    allocated = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
+    assert static_cache_bytes(len(bb.layers), 3, bb.kv_heads, 37, bb.head_dim, dtype) == allocated
+
+
+def _expected_cache(model, B: int, max_len: int) -> int:
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers * B * cfg.num_key_value_heads * max_len * head_dim * 2 * 4  # K and V, fp32
+
+
+def test_generate_refuses_a_cache_over_max_cache_bytes(tiny_qwen2, monkeypatch):
+    import clp_fast
+    from clp_fast.memory import CacheTooLargeError
+    from clp_fast.model import StaticKVCache
+
+    ids = _tiny_ids(3)
+    max_len = 5 + 6 + 0 + 1  # greedy: prompt + max_new_tokens + no guesses + 1
+    need = _expected_cache(tiny_qwen2, 3, max_len)
+    ok = clp_fast.generate(tiny_qwen2, ids, mode="greedy", max_new_tokens=6, max_cache_bytes=need)
+    assert ok.shape == (3, 11)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the cache was allocated before its size was checked")
+
+    monkeypatch.setattr(StaticKVCache, "allocate", classmethod(never))
+    with pytest.raises(CacheTooLargeError, match=rf"B=3 rows of max length {max_len} needs {need:,} bytes") as info:
+        clp_fast.generate(tiny_qwen2, ids, mode="greedy", max_new_tokens=6, max_cache_bytes=need - 1)
+    assert "max_cache_bytes" in str(info.value) and isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="max_cache_bytes=0"):
+        clp_fast.generate(tiny_qwen2, ids, mode="greedy", max_new_tokens=6, max_cache_bytes=0)
+
+
+def test_generate_refuses_a_cache_larger_than_available_memory(tiny_qwen2, monkeypatch):
+    import clp_fast
+    from clp_fast import memory
+    from clp_fast.memory import CacheTooLargeError
+    from clp_fast.model import StaticKVCache
+
+    def never(*args, **kwargs):
+        raise AssertionError("the cache was allocated before its size was checked")
+
+    monkeypatch.setattr(StaticKVCache, "allocate", classmethod(never))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 100_000)  # a machine with 100 kB free
+    need = _expected_cache(tiny_qwen2, 8, 5 + 40 + 1)
+    with pytest.raises(CacheTooLargeError, match=rf"B=8 rows of max length 46 needs {need:,} bytes.*memory available"):
+        clp_fast.generate(tiny_qwen2, _tiny_ids(8), mode="greedy", max_new_tokens=40)
+
+
+def test_available_memory_is_read():
+    from clp_fast.memory import available_bytes
+
+    free = available_bytes("cpu")
+    assert free is not None and 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
