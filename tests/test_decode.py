@@ -265,14 +265,33 @@ def test_policy_probability_exactly_at_the_threshold_is_accepted(policy):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "lossless"])
-def test_each_batched_row_equals_that_row_alone_with_eos(mode):
+def test_each_batched_row_equals_that_row_alone_with_eos(mode, monkeypatch):
+    """Ragged batch with an EOS that stops row 0 early. In lossless mode the drafts are the true (EOS-blind)
+    continuation, so guesses are accepted and row 0's EOS arrives *inside* an accepted span: the verified
+    tokens after it must be dropped, in the batch and alone."""
     model = tiny_model("qwen2")
     heads = random_heads(model, 3)
     ids, mask = left_pad(PROMPTS)
-    eos = hf_greedy(model, ids, mask, 20)[0, ids.shape[1] + 6].item()  # row 0 stops early at its 7th token
-    batched = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode=mode,
-                                eos_token_id=eos, pad_token_id=0)
+    free = hf_greedy(model, ids, mask, 20)
+    eos = free[0, ids.shape[1] + 6].item()  # row 0 stops early at this token
+    cut_inside = []
+    if mode == "lossless":
+        seqs = [free[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
+        monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
+        emit = decode._emit
+
+        def spy(fed, n_fed, remaining, eos_ids):
+            cnt, hit = emit(fed, n_fed, remaining, eos_ids)
+            cut_inside.append(bool((hit & (cnt < torch.minimum(n_fed, remaining))).any()))
+            return cnt, hit
+
+        monkeypatch.setattr(decode, "_emit", spy)
+    batched, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode=mode,
+                                    eos_token_id=eos, pad_token_id=0, max_step_tokens=None, return_stats=True)
     assert_equal_ids(batched, hf_greedy(model, ids, mask, 20, eos=eos))
+    if mode == "lossless":
+        assert sum(st.accept_hist[1:]) > 0, st.accept_hist
+        assert any(cut_inside), "no EOS fell inside an accepted span"
     P = ids.shape[1]
     for b, row in enumerate(PROMPTS):
         alone = clp_fast.generate(model, torch.tensor([row]), heads, max_new_tokens=20, mode=mode,
