@@ -31,14 +31,24 @@ def test_lookup_continuation(context, max_tokens, max_ngram, want):
 
 
 def test_lossless_with_lookup_equals_greedy_tiny():
-    model = tiny_model("llama")
+    """Row 2's greedy continuation repeats a token four times; heads that always guess wrong accept nothing
+    there, so every guess accepted with prompt lookup on came from the lookup branch. Output == greedy."""
+    model = tiny_model("qwen2")
     rows = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11], [1, 2, 3, 1, 2]]
     ids, mask = left_pad(rows)
     want = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     heads = MTPHeads.for_model(model, 2)
-    got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=24, mode="lossless",
-                            prompt_lookup=6, eos_token_id=[], pad_token_id=0)
+    with torch.no_grad():
+        heads.weight.normal_(std=1.0)  # far from the identity: the heads' guesses are noise
+    kw = dict(attention_mask=mask, max_new_tokens=24, mode="lossless", eos_token_id=[], pad_token_id=0,
+              return_stats=True)
+    got, st = clp_fast.generate(model, ids, heads, prompt_lookup=6, **kw)
     assert_equal_ids(got, want)
+    no_lookup, st0 = clp_fast.generate(model, ids, heads, prompt_lookup=0, **kw)
+    assert_equal_ids(no_lookup, want)
+    assert sum(st0.accept_hist[1:]) == 0, st0.accept_hist  # the heads alone never guess right here ...
+    assert sum(st.accept_hist[1:]) > 0, st.accept_hist  # ... so these acceptances are the lookup's
+    assert st.row_forwards[2] < st0.row_forwards[2], (st.row_forwards, st0.row_forwards)
 
 
 def test_lookup_speeds_up_a_repetitive_continuation(smollm2):
