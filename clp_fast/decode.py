@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clp_fast import backend
+from clp_fast import backend, streaming
 from clp_fast.heads import MTPHeads
 from clp_fast.lookup import lookup_continuation
 from clp_fast.memory import check_cache_fits
@@ -360,6 +360,7 @@ def generate(
     max_step_tokens: int | None = MAX_STEP_TOKENS,
     return_stats: bool = False,
     max_cache_bytes: int | None = None,
+    streamer=None,
 ):
     """Decode ``max_new_tokens`` tokens for each row of a (left-padded) batch.
 
@@ -385,6 +386,8 @@ def generate(
         return_stats: also return a :class:`DecodeStats`.
         max_cache_bytes: refuse (:class:`clp_fast.memory.CacheTooLargeError`) a static KV cache larger than this;
             one larger than the memory available on the device is always refused, before it is allocated.
+        streamer: batch 1 only: ``put(prompt)``, one ``put`` per step with the kept tokens, ``end()``
+            (transformers' protocol; see :mod:`clp_fast.streaming`).
 
     Returns:
         ``[B, P + G]`` int64: the input followed by up to G generated tokens per row, finished
@@ -410,6 +413,7 @@ def generate(
         prompt_lookup = max(heads.k, LOOKUP_WIDTH) if (mode == "lossless" and heads is not None) else 0
     _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold, prompt_lookup,
                   max_step_tokens)
+    streaming.check_streamer(streamer, input_ids.shape[0])
 
     dev = input_ids.device
     B, P = input_ids.shape
@@ -433,6 +437,7 @@ def generate(
     cache = bb.allocate_cache(B, max_len)
     stats = DecodeStats(mode=mode, accept_hist=[0] * (width + 1))
 
+    streaming.put_prompt(streamer, input_ids)
     step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold)
     contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
     stats.forward_passes = 1
@@ -459,6 +464,7 @@ def generate(
         if bool(finishing.any()):
             cnt, _ = _emit(chain, torch.where(finishing, 1 + n_known, 0), remaining, eos)
             _append(out, produced, chain, cnt)
+            streaming.put_tokens(streamer, chain, cnt)
             if mode == "clp":
                 _count_accepts(stats, torch.where(finishing, n_known, -1))
             done |= finishing
@@ -490,12 +496,14 @@ def generate(
                                 torch.take_along_dim(new_v, sel, dim=3), cache.lengths, cnt)
         cache.lengths += cnt
         _append(out, produced, path, cnt)
+        streaming.put_tokens(streamer, path, cnt)
         done |= hit_eos & active | (produced >= max_new_tokens)
         step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best])
         if prompt_lookup:
             for b, c in enumerate(cnt.tolist()):
                 contexts[b] += path[b, :c].tolist()
 
+    streaming.end(streamer)
     gen = int(produced.max())
     result = torch.cat([input_ids.long(), out[:, :gen]], dim=1)
     stats.new_tokens = produced.tolist()
