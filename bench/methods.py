@@ -1,0 +1,138 @@
+"""Which methods the bench compares, on which prompts, with which heads and stop tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import clp_fast
+from clp_fast.heads import MTPHeads
+
+BASELINE = "hf-greedy"
+PROMPT_LOOKUP = "hf-prompt-lookup"
+# End-of-text tokens that stop generation besides the generation config's EOS. The GGUF-converted
+# Qwen2.5 config names only <|im_end|>; Qwen's own generation_config.json also stops at
+# <|endoftext|>, the token the model ends a raw (non-chat) completion with.
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>")
+
+
+@dataclass
+class Method:
+    """One row of the table: ``run(ids [B, P], mask [B, P], max_new_tokens) -> (out [B, P + G], info)``."""
+
+    name: str
+    k: int | None
+    run: Callable
+    family: str  # "hf" | "clp_fast"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} k={self.k}" if self.k else self.name
+
+
+class ForwardCounter:
+    """Counts top-level forwards of a transformers model (to give HF methods a τ)."""
+
+    def __init__(self, model):
+        self.n = 0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.n += 1
+
+
+def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int, threshold: float | None,
+                 counter: ForwardCounter) -> list[Method]:
+    """The methods of the single-stream table, in table order."""
+    from transformers import GenerationConfig
+
+    def hf(**extra):
+        def run(ids, mask, n):
+            # A fresh config: the baseline must be plain greedy whatever the checkpoint's defaults
+            # (Qwen's published generation_config.json samples, with a repetition penalty).
+            cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, eos_token_id=eos,
+                                   pad_token_id=pad, **extra)
+            before = counter.n
+            out = model.generate(ids, attention_mask=mask, generation_config=cfg)
+            return out, {"forward_passes": counter.n - before}
+        return run
+
+    def ours(mode, k, policy="clp"):
+        h = heads.truncated(k) if k else None
+
+        def run(ids, mask, n):
+            out, st = clp_fast.generate(model, ids, h, attention_mask=mask, max_new_tokens=n, mode=mode,
+                                        eos_token_id=eos, pad_token_id=pad, policy=policy,
+                                        clp_threshold=threshold if mode == "clp" and policy == "clp" else None,
+                                        return_stats=True)
+            return out, {"forward_passes": st.forward_passes, "row_forwards": st.row_forwards,
+                         "accept_hist": st.accept_hist, "new_tokens": st.new_tokens, "drafted": st.drafted}
+        return run
+
+    methods = [Method(BASELINE, None, hf(), "hf"), Method(PROMPT_LOOKUP, None, hf(prompt_lookup_num_tokens=10), "hf"),
+               Method("clp_fast greedy", None, ours("greedy", None), "clp_fast")]
+    methods += [Method("clp_fast lossless", k, ours("lossless", k), "clp_fast") for k in ks]
+    methods += [Method("clp_fast clp", k, ours("clp", k), "clp_fast") for k in ks]
+    if heads.gate is not None:
+        methods.append(Method("gate", heads.k, ours("clp", heads.k, policy="gate"), "clp_fast"))
+    return methods
+
+
+# ------------------------------------------------------------------------------------------ prompts
+@dataclass
+class Prompt:
+    set: str  # "humaneval" | "prose"
+    id: str
+    text: str
+    ids: torch.Tensor = field(repr=False)  # [1, P]
+
+
+def load_prompts(tok, n_humaneval: int, n_prose: int, seed: int) -> list[Prompt]:
+    """A seeded subset of HumanEval (raw completion prompts) and of the stdlib prose set."""
+    from clp_fast.data import humaneval_prompts, prose_prompts
+
+    out = []
+    if n_humaneval:
+        rows = humaneval_prompts() if n_humaneval >= 164 else humaneval_prompts(n_humaneval, seed)
+        out += [Prompt("humaneval", r["task_id"], r["prompt"], tok(r["prompt"], return_tensors="pt").input_ids)
+                for r in rows]
+    if n_prose:
+        for i, text in enumerate(prose_prompts(n_prose, seed)):
+            out.append(Prompt("prose", f"prose/{i}", text, tok(text, return_tensors="pt").input_ids))
+    return out
+
+
+def stop_ids(model, tok) -> list[int]:
+    """EOS ids used by every method: the generation config's, the tokenizer's and :data:`END_TOKENS`."""
+    ids = []
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids += [cfg_eos] if isinstance(cfg_eos, int) else list(cfg_eos or [])
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    vocab = tok.get_vocab()
+    ids += [vocab[t] for t in END_TOKENS if t in vocab and t in tok.all_special_tokens]
+    return sorted(set(ids))
+
+
+
+def load_heads(args, model) -> MTPHeads:
+    """``--heads DIR`` or the shipped heads for this backbone; a clear message if there are none."""
+    from clp_fast.assets import HEADS_DIR, default_heads_for
+
+    if args.heads:
+        try:
+            return MTPHeads.from_pretrained(args.heads, model=model)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"run_bench: --heads {args.heads}: {e}") from None
+
+    try:
+        return default_heads_for(model)
+    except ValueError as e:
+        raise SystemExit(
+            f"run_bench: no MTP heads for {args.model}.\n  {e}\n"
+            f"  Shipped heads live in {HEADS_DIR}/<model name>/ (they may still be training).\n"
+            f"  Pass --heads DIR (a folder written by `clp-fast train --out DIR` or MTPHeads.save_pretrained)."
+        ) from None
+
