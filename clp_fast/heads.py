@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clp_fast import reference
+from clp_fast.faults import kill_point
 
 __all__ = ["MTPHeads", "CLP", "GatePolicy", "lm_head_fingerprint", "MAX_HEADS"]
 
@@ -248,14 +249,18 @@ class MTPHeads(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
             save_file(tensors, str(tmp / WEIGHTS_NAME))
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+            config = {**self.config_dict(), "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
             directory.mkdir(exist_ok=True)
             umask = os.umask(0)
             os.umask(umask)
+            # Weights first, config last: a process killed between the two renames leaves the new weights beside
+            # the old config, whose weights_sha256 then names the mismatch on load.
             for name in (WEIGHTS_NAME, CONFIG_NAME):
                 # mkstemp-style temp files are 0600; give the saved files the permissions of any new file
                 os.chmod(tmp / name, 0o666 & ~umask)
                 os.replace(tmp / name, directory / name)
+                kill_point(f"heads:replaced-{name}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
@@ -263,31 +268,78 @@ class MTPHeads(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, model=None, dtype=torch.float32,
                         device="cpu") -> MTPHeads:
-        """Load heads saved by :meth:`save_pretrained`; with ``model``, check they fit it."""
+        """Load heads saved by :meth:`save_pretrained`; with ``model``, check they fit it.
+
+        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for anything else
+        wrong: unreadable or incomplete config, weights truncated, edited (``weights_sha256`` mismatch) or not
+        matching the config's shapes, a NaN / inf weight (naming the tensor, head and row), heads for another
+        backbone (LM-head fingerprint, hidden or vocab size).
+        """
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise FileNotFoundError(f"no MTP heads at {directory}: {p.name} is missing")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
-        if cfg.get("format") != "clp_fast.mtp_heads/1":
-            raise ValueError(f"{cfg_path}: unknown heads format {cfg.get('format')!r}")
-        heads = cls(cfg["hidden_size"], cfg["vocab_size"], cfg["k"], backbone=cfg.get("backbone", ""),
-                    fingerprint=cfg.get("lm_head_fingerprint", ""), thresholds=cfg.get("thresholds"),
-                    with_gate=cfg.get("with_gate", False), extra_config=cfg.get("extra"),
-                    draft_vocab=cfg.get("draft_vocab"))
-        try:
-            state = load_file(str(w_path))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{w_path} is truncated or corrupted: {e}") from e
+        heads = _heads_from_config(cls, cfg_path)
+        state = _read_weights(w_path, json.loads(cfg_path.read_text()).get("weights_sha256"))
         try:
             heads.load_state_dict({n: t.float() for n, t in state.items()}, strict=True)
         except RuntimeError as e:
             raise ValueError(f"{w_path} does not match {cfg_path}: {e}") from e
         heads = heads.to(device=device, dtype=dtype).eval()
         if model is not None:
-            heads.check_compatible(model)
+            try:
+                heads.check_compatible(model)
+            except ValueError as e:
+                raise ValueError(f"{directory}: {e}") from e
         return heads
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _heads_from_config(cls, cfg_path: Path) -> MTPHeads:
+    """Fresh heads shaped as ``cfg_path`` says; ``ValueError`` naming the file for a bad or incomplete config."""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or cfg.get("format") != "clp_fast.mtp_heads/1":
+        fmt = cfg.get("format") if isinstance(cfg, dict) else cfg
+        raise ValueError(f"{cfg_path}: unknown heads format {fmt!r}")
+    try:
+        return cls(cfg["hidden_size"], cfg["vocab_size"], cfg["k"], backbone=cfg.get("backbone", ""),
+                   fingerprint=cfg.get("lm_head_fingerprint", ""), thresholds=cfg.get("thresholds"),
+                   with_gate=cfg.get("with_gate", False), extra_config=cfg.get("extra"),
+                   draft_vocab=cfg.get("draft_vocab"))
+    except KeyError as e:
+        raise ValueError(f"{cfg_path} lacks the field {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+
+
+def _read_weights(w_path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of ``w_path``, checked against the config's ``sha256`` (None: heads saved before it was
+    recorded) and for NaN / inf, which are named by tensor, head and row."""
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{w_path} is truncated or corrupted: {e}") from e
+    actual = _sha256(w_path) if sha256 is not None else None
+    if actual != sha256:
+        raise ValueError(f"{w_path} is corrupted, edited or from another save: its sha256 {actual} is not the "
+                         f"{sha256} recorded in {CONFIG_NAME}")
+    for name, t in state.items():
+        bad = (~torch.isfinite(t.float())).nonzero()
+        if bad.numel():
+            where = bad[0].tolist()
+            if name in ("weight", "bias", "clp.linear.weight", "clp.linear.bias") and where:
+                where = f"head {where[0] + 1}" + (f", row {where[1]}" if len(where) > 1 else "")
+            raise ValueError(f"{w_path}: {name} holds NaN or inf at {where} ({bad.shape[0]} such values); the "
+                             f"heads were saved from a diverged run -- retrain them")
+    return state

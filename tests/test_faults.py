@@ -153,3 +153,100 @@ def test_available_memory_is_read():
 
     free = available_bytes("cpu")
     assert free is not None and 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------------------- corrupt assets
+@pytest.fixture
+def saved_heads(tiny_qwen2, tmp_path):
+    from clp_fast.heads import MTPHeads
+
+    heads = MTPHeads.for_model(tiny_qwen2, 2)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_()
+    heads.save_pretrained(tmp_path / "h")
+    return tmp_path / "h", heads
+
+
+def test_edited_heads_weights_are_named(saved_heads):
+    from clp_fast.heads import MTPHeads
+
+    folder, _ = saved_heads
+    w = folder / "heads.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0x40  # one weight's exponent bit: the header, the size and the shapes all stay valid
+    w.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"heads.safetensors is corrupted, edited .* sha256"):
+        MTPHeads.from_pretrained(folder)
+
+
+def test_save_killed_between_its_renames_is_named(saved_heads, tiny_qwen2, monkeypatch):
+    """Weights replaced, config not yet: the old config's sha256 names the half-replaced pair."""
+    import clp_fast.heads as heads_mod
+    from clp_fast.heads import MTPHeads
+
+    folder, old = saved_heads
+
+    def die(point):
+        if point == "heads:replaced-heads.safetensors":
+            raise KeyboardInterrupt
+
+    new = MTPHeads.for_model(tiny_qwen2, 2)
+    monkeypatch.setattr(heads_mod, "kill_point", die)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(folder)
+    with pytest.raises(ValueError, match="sha256"):
+        MTPHeads.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(k=3), r"heads.safetensors does not match .*config.json"),
+        (lambda c: c.update(k=9), r"config.json: k=9"),
+        (lambda c: c.update(k="two"), r"config.json: k='two'"),
+        (lambda c: c.pop("hidden_size"), r"config.json lacks the field 'hidden_size'"),
+        (lambda c: c.update(format="mtp/2"), r"config.json: unknown heads format 'mtp/2'"),
+    ],
+)
+def test_bad_heads_config_is_named(saved_heads, edit, match):
+    import json
+
+    from clp_fast.heads import MTPHeads
+
+    folder, _ = saved_heads
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        MTPHeads.from_pretrained(folder)
+
+
+def test_heads_config_with_another_fingerprint_names_the_folder(saved_heads, tiny_qwen2):
+    import json
+
+    from clp_fast.heads import MTPHeads
+
+    folder, _ = saved_heads
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["lm_head_fingerprint"] = "0123456789abcdef"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"{folder}: .*fingerprint 0123456789abcdef != the model's"):
+        MTPHeads.from_pretrained(folder, model=tiny_qwen2)
+
+
+@pytest.mark.parametrize(("tensor", "index", "where"), [("weight", (1, 5, 7), "head 2, row 5"),
+                                                       ("bias", (0, 3), "head 1, row 3"),
+                                                       ("clp.linear.weight", (1, 0), "head 2, row 0")])
+def test_nan_heads_are_named_by_head_and_row(saved_heads, tensor, index, where):
+    from safetensors.torch import load_file
+
+    from clp_fast.heads import MTPHeads
+
+    folder, heads = saved_heads
+    state = load_file(str(folder / "heads.safetensors"))
+    state[tensor][index] = float("nan")
+    heads.load_state_dict(state)
+    heads.save_pretrained(folder)  # a diverged run's heads, saved with a matching sha256
+    with pytest.raises(ValueError, match=rf"{tensor} holds NaN or inf at {where}"):
+        MTPHeads.from_pretrained(folder)
