@@ -85,6 +85,13 @@ def _hook(event, args):
             if isinstance(a, (str, bytes, os.PathLike)) and not _inside(a):
                 _escape(event, args)
 
+def _flush():  # os._exit skips it: keep what the code printed before it failed
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
 sys.dont_write_bytecode = True
 sys.addaudithook(_hook)
 _nonce, _code = _req["nonce"], _req["code"]
@@ -93,12 +100,12 @@ try:
     exec(compile(_code, "<sandboxed>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 except SystemExit as e:
     sys.stderr.write("sandboxed code exited early (SystemExit %r)\n" % (e.code,))
-    sys.stderr.flush()
+    _flush()
     _exit(2)
 except BaseException:
     import traceback
     traceback.print_exc()
-    sys.stderr.flush()
+    _flush()
     _exit(1)
 sys.stdout.write("\n" + _nonce + "\n")
 sys.stdout.flush()
