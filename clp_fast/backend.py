@@ -26,13 +26,13 @@ def backend_for(device: torch.device) -> str:
 
 
 def fused_heads(hidden, head_weight, head_bias, lm_head_weight, clp_weight=None, clp_bias=None, threshold=0.5,
-                draft_vocab=None):
+                draft_vocab=None, top_m=1):
     """Dispatch of :func:`clp_fast.reference.fused_heads` (same signature and outputs)."""
     if backend_for(hidden.device) == "triton":
         from kernels.fused_heads import fused_heads as impl
     else:
         impl = reference.fused_heads
-    return impl(hidden, head_weight, head_bias, lm_head_weight, clp_weight, clp_bias, threshold, draft_vocab)
+    return impl(hidden, head_weight, head_bias, lm_head_weight, clp_weight, clp_bias, threshold, draft_vocab, top_m)
 
 
 def commit_kv_span_(cache_k, cache_v, new_k, new_v, row_offsets, span_lengths) -> None:

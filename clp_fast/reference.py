@@ -73,7 +73,8 @@ def fused_heads(
     clp_bias: torch.Tensor | None = None,
     threshold: float = 0.5,
     draft_vocab: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    top_m: int = 1,
+) -> tuple[torch.Tensor, ...]:
     """Backbone + MTP-head logits, their argmaxes, confidences and the CLP decision.
 
     All ``R * (k + 1)`` logit rows come from one matmul against ``lm_head_weight`` (one read of W),
@@ -101,11 +102,16 @@ def fused_heads(
         clp_bias: ``[k]`` or None.
         threshold: CLP acceptance probability.
         draft_vocab: head rows' vocabulary ``W[:draft_vocab]``, ``1 <= draft_vocab <= V``; None = V.
+        top_m: how many candidates each head row returns, ``1 <= top_m <= min(8, draft_vocab)``.
 
     Returns:
         ids ``[R, k + 1]`` int64 (column 0 = backbone's next token, column j = head j's guess of
         the token j places after it); conf ``[R, k + 1]`` fp32 max softmax probability per row;
-        accept ``[R]`` int64 number of head guesses to take, in ``[0, k]``.
+        accept ``[R]`` int64 number of head guesses to take, in ``[0, k]``. With ``top_m > 1``
+        also top_ids ``[R, k, top_m]`` int64 and top_p ``[R, k, top_m]`` fp32: each head row's
+        ``top_m`` most likely tokens, by logit descending and **lowest index first among equal
+        logits** (the rule ``torch.argmax`` follows for the first, so ``top_ids[:, :, 0] ==
+        ids[:, 1:]``), and their softmax probabilities.
     """
     R, H = hidden.shape
     k = head_weight.shape[0]
@@ -113,12 +119,18 @@ def fused_heads(
     Vd = V if draft_vocab is None else draft_vocab
     if isinstance(Vd, bool) or not isinstance(Vd, int) or not 1 <= Vd <= V:
         raise ValueError(f"draft_vocab={draft_vocab!r} must be an int in [1, {V}]")
+    check_top_m(top_m, Vd)
     z = head_hidden(hidden, head_weight, head_bias)  # [R, k + 1, H]
+    head_logits = None
     if Vd == V or k == 0:
-        ids, conf = _argmax_conf(F.linear(z.reshape(R * (k + 1), H), lm_head_weight))  # one matmul
+        logits = F.linear(z.reshape(R * (k + 1), H), lm_head_weight)  # one matmul
+        ids, conf = _argmax_conf(logits)
+        if top_m > 1 and k:
+            head_logits = logits.view(R, k + 1, V)[:, 1:].reshape(R * k, V)
     else:
         ids0, conf0 = _argmax_conf(F.linear(hidden, lm_head_weight))
-        idsj, confj = _argmax_conf(F.linear(z[:, 1:].reshape(R * k, H), lm_head_weight[:Vd]))
+        head_logits = F.linear(z[:, 1:].reshape(R * k, H), lm_head_weight[:Vd])
+        idsj, confj = _argmax_conf(head_logits)
         ids = torch.cat([ids0.view(R, 1), idsj.view(R, k)], dim=1)
         conf = torch.cat([conf0.view(R, 1), confj.view(R, k)], dim=1)
     ids, conf = ids.view(R, k + 1), conf.view(R, k + 1)
@@ -126,7 +138,42 @@ def fused_heads(
         accept = torch.full((R,), k, dtype=torch.long, device=hidden.device)
     else:
         accept = clp_accept_lengths(hidden, conf[:, 1:], clp_weight, clp_bias, threshold)
-    return ids, conf, accept
+    if top_m == 1:
+        return ids, conf, accept
+    if head_logits is None:  # k == 0
+        empty = torch.empty((R, 0, top_m), device=hidden.device)
+        return ids, conf, accept, empty.long(), empty.float()
+    top_ids, top_p = _top_m(head_logits, top_m)
+    return ids, conf, accept, top_ids.view(R, k, top_m), top_p.view(R, k, top_m)
+
+
+def check_top_m(top_m, vocab: int) -> None:
+    """``top_m`` must be an int in ``[1, min(8, vocab)]``; ``ValueError`` naming it otherwise."""
+    if isinstance(top_m, bool) or not isinstance(top_m, int) or not 1 <= top_m <= min(8, vocab):
+        raise ValueError(f"top_m={top_m!r} must be an int in [1, {min(8, vocab)}]")
+
+
+def _top_m(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of logits (input dtype) → their ``m`` largest, logit descending and lowest index first among
+    equal logits, with softmax probabilities (fp32): ids ``[N, m]``, p ``[N, m]``.
+
+    ``torch.topk`` does not define an order among ties, so it only finds the m-th largest value; every
+    logit at or above it is a candidate (m of them unless ties straddle it), and a stable sort of the
+    candidates, kept in index order, by value descending gives the rule.
+    """
+    lf = logits.float()
+    kth = lf.topk(m, dim=-1).values[:, -1:]  # [N, 1]
+    rows, cols = (lf >= kth).nonzero(as_tuple=True)  # row-major: ascending index within a row
+    counts = torch.bincount(rows, minlength=lf.shape[0])
+    width = max(m, int(counts.max()))  # a NaN row has no candidates (its ids are unspecified, as for argmax)
+    slot = torch.arange(len(rows), device=lf.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    cand = torch.full((lf.shape[0], width), -1, dtype=torch.long, device=lf.device)
+    cand[rows, slot] = cols
+    vals = torch.where(cand >= 0, lf.gather(1, cand.clamp(min=0)), float("-inf"))
+    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices[:, :m]
+    ids = cand.gather(1, order).clamp(min=0)
+    p = torch.softmax(lf, dim=-1).gather(1, ids)
+    return ids, p
 
 
 def _argmax_conf(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

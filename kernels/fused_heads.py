@@ -153,6 +153,8 @@ def _fused_heads_kernel(
     pmax_ptr,
     parg_ptr,
     psum_ptr,
+    ptopv_ptr,
+    ptopi_ptr,
     n_rows,
     V,
     Vd,
@@ -164,10 +166,14 @@ def _fused_heads_kernel(
     stride_wv,
     stride_wh,
     stride_pr,
+    stride_tr,
+    stride_ts,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    TOP_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     # Grid: (row blocks, vocabulary splits). Row blocks vary fastest, so the programs that share a
     # W split run together and any second row block reads it from L2, not HBM.
@@ -182,6 +188,10 @@ def _fused_heads_kernel(
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_arg = tl.full((BLOCK_M,), _INT32_MAX, dtype=tl.int32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # TOP_M > 1: the split's TOP_M best (logit, index) per row so far, best first (slots >= TOP_M stay empty).
+    slots = tl.arange(0, BLOCK_T)
+    top_v = tl.full((BLOCK_M, BLOCK_T), float("-inf"), dtype=tl.float32)
+    top_i = tl.full((BLOCK_M, BLOCK_T), _INT32_MAX, dtype=tl.int32)
     for t in range(0, tiles_per_split):
         v0 = (split * tiles_per_split + t) * BLOCK_V
         offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -213,11 +223,42 @@ def _fused_heads_kernel(
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
         run_max = new_max
+        if TOP_M > 1:
+            if v0 < Vd:  # past the draft vocabulary only the backbone row is live, and it needs no list
+                top_v, top_i = _merge_top(top_v, top_i, logits, offs_v[None, :], slots, TOP_M)
 
     out = offs_m * stride_pr + split
     tl.store(pmax_ptr + out, run_max, mask=mask_m)
     tl.store(parg_ptr + out, run_arg, mask=mask_m)
     tl.store(psum_ptr + out, run_sum, mask=mask_m)
+    if TOP_M > 1:
+        tout = offs_m[:, None] * stride_tr + split * stride_ts + slots[None, :]
+        tmask = mask_m[:, None] & (slots < TOP_M)[None, :]
+        tl.store(ptopv_ptr + tout, top_v, mask=tmask)
+        tl.store(ptopi_ptr + tout, top_i, mask=tmask)
+
+
+@triton.jit
+def _merge_top(top_v, top_i, cand_v, cand_i, slots, TOP_M: tl.constexpr):
+    """The TOP_M best of a running list ``top_v/top_i [M, T]`` and new candidates ``cand_v/cand_i [M, N]``
+    (logit descending, lowest index first among equal logits), as a new ``[M, T]`` list.
+
+    TOP_M rounds of: the best value left, the lowest index holding it in either set, then that entry is
+    struck out. Indices are unique across the two sets, so an entry is taken once.
+    """
+    new_v = tl.full(top_v.shape, float("-inf"), dtype=tl.float32)
+    new_i = tl.full(top_i.shape, _INT32_MAX, dtype=tl.int32)
+    for t in tl.static_range(TOP_M):
+        best = tl.maximum(tl.max(top_v, axis=1), tl.max(cand_v, axis=1))
+        idx = tl.minimum(
+            tl.min(tl.where(top_v == best[:, None], top_i, _INT32_MAX), axis=1),
+            tl.min(tl.where(cand_v == best[:, None], cand_i, _INT32_MAX), axis=1),
+        )
+        new_v = tl.where(slots[None, :] == t, best[:, None], new_v)
+        new_i = tl.where(slots[None, :] == t, idx[:, None], new_i)
+        top_v = tl.where(top_i == idx[:, None], float("-inf"), top_v)
+        cand_v = tl.where(cand_i == idx[:, None], float("-inf"), cand_v)
+    return new_v, new_i
 
 
 @triton.jit
@@ -225,17 +266,24 @@ def _merge_clp_kernel(
     pmax_ptr,
     parg_ptr,
     psum_ptr,
+    ptopv_ptr,
+    ptopi_ptr,
     h_ptr,
     cw_ptr,
     cb_ptr,
     ids_ptr,
     conf_ptr,
     accept_ptr,
+    tid_ptr,
+    tp_ptr,
     K1,
     S,
     H,
     threshold,
     stride_pr,
+    stride_tr,
+    stride_tor,
+    stride_toj,
     stride_hr,
     stride_hh,
     stride_cwk,
@@ -249,6 +297,9 @@ def _merge_clp_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HAS_CLP: tl.constexpr,
+    TOP_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # One program per backbone row r: its k + 1 logit rows are partial rows r * K1 .. r * K1 + k.
     r = tl.program_id(0)
@@ -271,6 +322,24 @@ def _merge_clp_kernel(
     conf = 1.0 / total
     tl.store(ids_ptr + r * stride_ir + offs_j * stride_ij, row_arg.to(tl.int64), mask=mask_j)
     tl.store(conf_ptr + r * stride_cr + offs_j * stride_cj, conf, mask=mask_j)
+
+    if TOP_M > 1:
+        # Each split's TOP_M best, flattened as c = split * TOP_M + slot, merged by the same rule.
+        offs_c = tl.arange(0, BLOCK_C)
+        cmask = mask_j[:, None] & (offs_c < S * TOP_M)[None, :]
+        cpart = (r * K1 + offs_j)[:, None] * stride_tr + offs_c[None, :]
+        cand_v = tl.load(ptopv_ptr + cpart, mask=cmask, other=float("-inf"))
+        cand_i = tl.load(ptopi_ptr + cpart, mask=cmask, other=_INT32_MAX)
+        slots = tl.arange(0, BLOCK_T)
+        top_v = tl.full((BLOCK_J, BLOCK_T), float("-inf"), dtype=tl.float32)
+        top_i = tl.full((BLOCK_J, BLOCK_T), _INT32_MAX, dtype=tl.int32)
+        top_v, top_i = _merge_top(top_v, top_i, cand_v, cand_i, slots, TOP_M)
+        top_p = tl.exp(top_v - row_max[:, None]) / total[:, None]
+        # Head rows only (j >= 1) go out, as [R, k, TOP_M].
+        tout = r * stride_tor + (offs_j - 1)[:, None] * stride_toj + slots[None, :]
+        tmask = ((offs_j >= 1) & mask_j)[:, None] & (slots < TOP_M)[None, :]
+        tl.store(tid_ptr + tout, top_i.to(tl.int64), mask=tmask)
+        tl.store(tp_ptr + tout, top_p, mask=tmask)
 
     k = K1 - 1
     if HAS_CLP:
@@ -351,7 +420,8 @@ def fused_heads(
     clp_bias: torch.Tensor | None = None,
     threshold: float = 0.5,
     draft_vocab: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    top_m: int = 1,
+) -> tuple[torch.Tensor, ...]:
     """Backbone + MTP-head argmaxes, confidences and CLP accept lengths; twin of the reference.
 
     Args:
@@ -363,9 +433,11 @@ def fused_heads(
         clp_bias: ``[k]`` or None.
         threshold: CLP acceptance probability.
         draft_vocab: head rows range over ``W[:draft_vocab]`` (see the reference); None = V.
+        top_m: candidates per head row, ``1 <= top_m <= min(8, draft_vocab)``.
 
     Returns:
-        ids ``[R, k + 1]`` int64, conf ``[R, k + 1]`` fp32, accept ``[R]`` int64 (see the reference).
+        ids ``[R, k + 1]`` int64, conf ``[R, k + 1]`` fp32, accept ``[R]`` int64 (see the reference);
+        with ``top_m > 1`` also top_ids ``[R, k, top_m]`` int64 and top_p ``[R, k, top_m]`` fp32.
 
     Raises:
         ValueError: bad shapes or devices; with ``CLP_FAST_DEBUG=1``, a NaN/inf logit row.
@@ -387,6 +459,8 @@ def fused_heads(
     Vd = V if draft_vocab is None else draft_vocab
     if isinstance(Vd, bool) or not isinstance(Vd, int) or not 1 <= Vd <= V:
         raise ValueError(f"draft_vocab={draft_vocab!r} must be an int in [1, {V}]")
+    if isinstance(top_m, bool) or not isinstance(top_m, int) or not 1 <= top_m <= min(8, Vd):
+        raise ValueError(f"top_m={top_m!r} must be an int in [1, {min(8, Vd)}]")
     if hidden.dtype not in _FLOATS:
         raise TypeError(f"hidden dtype {hidden.dtype} is not one of {_FLOATS}")
     if lm_head_weight.dtype != hidden.dtype:
@@ -415,8 +489,11 @@ def fused_heads(
     ids = torch.empty((R, K1), dtype=torch.int64, device=dev)
     conf = torch.empty((R, K1), dtype=torch.float32, device=dev)
     accept = torch.empty((R,), dtype=torch.int64, device=dev)
+    top_ids = torch.empty((R, k, top_m), dtype=torch.int64, device=dev)
+    top_p = torch.empty((R, k, top_m), dtype=torch.float32, device=dev)
+    done = (ids, conf, accept) if top_m == 1 else (ids, conf, accept, top_ids, top_p)
     if R == 0:
-        return ids, conf, accept
+        return done
 
     if k == 0:
         # The only logit row is the backbone's: read hidden in place, no copy.
@@ -447,24 +524,29 @@ def fused_heads(
     pmax = torch.empty((n_rows, S), dtype=torch.float32, device=dev)
     parg = torch.empty((n_rows, S), dtype=torch.int32, device=dev)
     psum = torch.empty((n_rows, S), dtype=torch.float32, device=dev)
+    # top_m > 1 (and k > 0): each split's top_m (logit, index) per row, [rows, S, top_m].
+    m_eff = top_m if k else 1
+    ptopv = torch.empty((n_rows, S, m_eff) if m_eff > 1 else (1, 1, 1), dtype=torch.float32, device=dev)
+    ptopi = torch.empty(ptopv.shape, dtype=torch.int32, device=dev)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), S)
     _fused_heads_kernel[grid](
-        z, lm_head_weight, pmax, parg, psum,
+        z, lm_head_weight, pmax, parg, psum, ptopv, ptopi,
         n_rows, V, Vd, K1, H, cfg["tiles_per_split"],
         z.stride(0), z.stride(1),
         lm_head_weight.stride(0), lm_head_weight.stride(1),
-        pmax.stride(0),
+        pmax.stride(0), ptopv.stride(0), ptopv.stride(1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
         FP32_DOT=hidden.dtype == torch.float32 or interpret,
+        TOP_M=m_eff, BLOCK_T=max(2, triton.next_power_of_2(m_eff)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
 
     cw = clp_weight if has_clp else pmax  # any tensor: never read when HAS_CLP is False
     cb = clp_bias if has_clp else pmax
     _merge_clp_kernel[(R,)](
-        pmax, parg, psum, hidden, cw, cb, ids, conf, accept,
+        pmax, parg, psum, ptopv, ptopi, hidden, cw, cb, ids, conf, accept, top_ids, top_p,
         K1, S, H, float(threshold),
-        pmax.stride(0),
+        pmax.stride(0), ptopv.stride(0), top_ids.stride(0), top_ids.stride(1),
         hidden.stride(0), hidden.stride(1),
         cw.stride(0), cw.stride(1), cb.stride(0),
         ids.stride(0), ids.stride(1), conf.stride(0), conf.stride(1),
@@ -472,6 +554,8 @@ def fused_heads(
         BLOCK_S=max(2, triton.next_power_of_2(S)),
         BLOCK_H=min(triton.next_power_of_2(H), 1024),
         HAS_CLP=has_clp,
+        TOP_M=m_eff, BLOCK_T=max(2, triton.next_power_of_2(m_eff)),
+        BLOCK_C=max(2, triton.next_power_of_2(S * m_eff)),
     )  # fmt: skip
 
     if os.environ.get("CLP_FAST_DEBUG", "") == "1":
@@ -482,4 +566,4 @@ def fused_heads(
                 f"fused_heads: logit row (row {r}, head {j}) holds NaN or inf (conf={conf[r, j].item()}); "
                 f"{bad.shape[0]} such rows in all"
             )
-    return ids, conf, accept
+    return done
