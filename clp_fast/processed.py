@@ -14,6 +14,7 @@ the rows that share a prefix length; stopping criteria get ``scores=None``.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -52,9 +53,20 @@ def _process(procs, pre: torch.Tensor, plen: torch.Tensor, rows: torch.Tensor, l
         sel = (lens == L).nonzero().flatten()
         ids, scores = pre[rows[sel], :L], logits[sel]
         for proc in procs:
-            scores = proc(ids, scores)
+            scores = _rows_view(proc, rows[sel])(ids, scores)
         out[sel] = scores
     return out
+
+
+def _rows_view(proc, rows: torch.Tensor):
+    """``proc`` narrowed to batch ``rows`` where it holds per-row state: transformers' repetition penalty keeps
+    each row's left-padding length (``prompt_ignore_length [B]``, skipped when penalising) since 4.5x."""
+    ignore = getattr(proc, "prompt_ignore_length", None)
+    if isinstance(ignore, torch.Tensor) and ignore.dim() == 1:
+        view = copy.copy(proc)
+        view.prompt_ignore_length = ignore.to(rows.device)[rows]
+        return view
+    return proc
 
 
 def _node_scorer(procs, lm_head, tokens: torch.Tensor, hidden: torch.Tensor, seq: torch.Tensor,

@@ -140,8 +140,12 @@ def small_vocab():
 
 
 def processors():
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
 
     # the repetition penalty makes every node's distribution depend on its own prefix
     return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7),
@@ -176,6 +180,7 @@ def sample_first3(model, heads, seed: int) -> tuple[torch.Tensor, object]:
     return (new[:, 0] * SMALL_V + new[:, 1]) * SMALL_V + new[:, 2], stats
 
 
+@pytest.mark.slow
 def test_sampled_first_three_tokens_match_enumeration(small_vocab):
     model, heads = small_vocab
     codes, stats = sample_first3(model, heads, seed=11)
@@ -186,6 +191,7 @@ def test_sampled_first_three_tokens_match_enumeration(small_vocab):
     assert p > ALPHA, f"chi-square p={p:.2e}: lossless sampling does not match the processed distribution"
 
 
+@pytest.mark.slow
 def test_enumeration_check_rejects_accept_every_draft(small_vocab, monkeypatch):
     model, heads = small_vocab
     monkeypatch.setattr(sampling, "accept_draft", accept_all)
