@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from clp_fast.decode import MAX_STEP_TOKENS, MODES, POLICIES
+from clp_fast.processed import sampling_processors
 
 
 def _read_prompts(args) -> list[str]:
@@ -65,9 +66,30 @@ def _check_generate_args(args) -> list[str]:
         for name in ("config.json", "heads.safetensors"):
             if not (Path(args.heads) / name).is_file():
                 raise ValueError(f"--heads {args.heads}: {name} is missing (not a folder of saved MTP heads)")
+    _check_sampling_args(args)
     prompts = _read_prompts(args)
     resolve_model_path(args.model)  # unknown name, missing folder or unfetched model: no network, no load
     return prompts
+
+
+def _check_sampling_args(args) -> None:
+    """--do-sample / --temperature / --top-p / --top-k / --seed / --stream, checked before a model loads."""
+    given = [f for f, v in (("--temperature", args.temperature), ("--top-p", args.top_p), ("--top-k", args.top_k),
+                            ("--seed", args.seed)) if v is not None]
+    if given and not args.do_sample:
+        raise ValueError(f"{', '.join(given)}: only with --do-sample")
+    if args.do_sample and args.mode == "clp":
+        raise ValueError("--do-sample needs --mode lossless or greedy (clp accepts guesses unverified)")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ValueError(f"--temperature {args.temperature} must be > 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k} must be >= 1")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed {args.seed} must be >= 0")
+    if args.stream and (args.batch_size != 1 or args.json):
+        raise ValueError("--stream prints one prompt's text as it is accepted: it needs --batch-size 1 and no --json")
 
 
 def cmd_generate(args) -> int:
@@ -95,21 +117,28 @@ def cmd_generate(args) -> int:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed) if args.seed is not None else None
     results, all_stats = [], []
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
         ids, mask = clp_fast.left_pad([tok(p)["input_ids"] for p in chunk], pad)
         P = ids.shape[1]
-        out, stats = clp_fast.generate(
-            model, ids.to(args.device), heads, attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens,
-            mode=args.mode, clp_threshold=args.threshold, policy=args.policy, prompt_lookup=args.prompt_lookup,
-            max_step_tokens=args.max_step_tokens, pad_token_id=pad, return_stats=True)
+        common = dict(attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens, mode=args.mode,
+                      prompt_lookup=args.prompt_lookup, max_step_tokens=args.max_step_tokens, pad_token_id=pad,
+                      return_stats=True, streamer=_text_streamer(tok, chunk[0]) if args.stream else None)
+        if args.do_sample:
+            out, stats = clp_fast.generate_processed(
+                model, ids.to(args.device), heads, do_sample=True, generator=generator,
+                logits_processor=sampling_processors(args.temperature, args.top_k, args.top_p), **common)
+        else:
+            out, stats = clp_fast.generate(model, ids.to(args.device), heads, clp_threshold=args.threshold,
+                                           policy=args.policy, **common)
         all_stats.append(stats.to_dict())
         for i, p in enumerate(chunk):
             new = out[i, P:P + stats.new_tokens[i]].tolist()
             results.append({"prompt": p, "token_ids": new, "text": tok.decode(new, skip_special_tokens=True)})
             if not args.json:
-                print(p + results[-1]["text"])
+                print("" if args.stream else p + results[-1]["text"])
                 print("-" * 40)
     summary = _merge_stats(all_stats)
     if args.json:
@@ -118,6 +147,14 @@ def cmd_generate(args) -> int:
         print(f"[{args.mode}] {summary['new_tokens_total']} tokens, {summary['forward_passes']} forwards, "
               f"tau={summary['tau']:.2f}, {summary['tokens_per_s']:.1f} tok/s", file=sys.stderr)
     return 0
+
+
+def _text_streamer(tok, prompt: str):
+    """Prints the prompt, then the generated text as each step's tokens are accepted."""
+    from transformers import TextStreamer
+
+    print(prompt, end="", flush=True)
+    return TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
 
 
 def _merge_stats(stats: list[dict]) -> dict:
@@ -161,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int)
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with token ids, text and stats")
+    g.add_argument("--do-sample", action="store_true", help="lossless speculative sampling (default: greedy)")
+    g.add_argument("--temperature", type=float, help="with --do-sample (default 1.0)")
+    g.add_argument("--top-p", type=float, help="with --do-sample: nucleus mass (default 1.0: off)")
+    g.add_argument("--top-k", type=int, help="with --do-sample (default: off)")
+    g.add_argument("--seed", type=int, help="with --do-sample: seed of the sampling generator")
+    g.add_argument("--stream", action="store_true", help="print text as it is accepted (one prompt, no --json)")
     g.set_defaults(func=cmd_generate)
 
     from clp_fast.train import add_train_arguments, run_train

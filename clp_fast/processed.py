@@ -37,9 +37,24 @@ from clp_fast.memory import check_cache_fits
 from clp_fast.model import NativeBackbone
 from clp_fast.sampling import walk_tree
 
-__all__ = ["PROCESSED_MODES", "generate_processed"]
+__all__ = ["PROCESSED_MODES", "generate_processed", "sampling_processors"]
 
 PROCESSED_MODES = ("greedy", "lossless")
+
+
+def sampling_processors(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None):
+    """transformers' warpers for the given settings, in its own order (temperature, top-k, top-p); None or a
+    neutral value (1.0, 0) leaves one out. Returns a ``LogitsProcessorList``."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    procs = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    return procs
 
 
 def _process(procs, pre: torch.Tensor, plen: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -293,3 +293,37 @@ def test_smollm2_text_iterator_streamer_never_blocks(smollm2):
     finally:
         clp_fast.unpatch(model)
     assert text == tok.decode(result["out"][0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("flags, name", [
+    (["--temperature", "0.7"], "--temperature: only with --do-sample"),
+    (["--do-sample", "--temperature", "0"], "--temperature 0.0"),
+    (["--do-sample", "--top-p", "1.5"], "--top-p 1.5"),
+    (["--do-sample", "--top-k", "0"], "--top-k 0"),
+    (["--do-sample", "--seed", "-1"], "--seed -1"),
+    (["--do-sample", "--mode", "clp"], "--do-sample needs --mode lossless"),
+    (["--stream", "--json"], "--stream"),
+    (["--stream", "--batch-size", "2"], "--stream"),
+])
+def test_cli_sampling_flags_checked_before_any_model(flags, name, capsys):
+    from clp_fast.cli import main
+
+    # an unknown model name: the flag error must come first, before the model is even resolved
+    rc = main(["generate", "--model", "no-such-model-anywhere", "--prompt", "x", *flags])
+    assert rc == 2 and name in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_streams_a_seeded_sample_reproducibly(smollm2, capsys):
+    import json
+
+    from clp_fast.cli import main
+
+    args = ["generate", "--model", "smollm2-135m-instruct", "--prompt", "Name three colours.", "--chat", "--dtype",
+            "fp32", "--do-sample", "--temperature", "0.7", "--top-p", "0.95", "--seed", "3", "--max-new-tokens", "12"]
+    assert main(args + ["--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(args + ["--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["results"][0]["text"]
+    assert text.strip() and text in streamed
