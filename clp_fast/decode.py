@@ -23,9 +23,9 @@ import torch
 
 from clp_fast import backend, streaming
 from clp_fast.heads import MTPHeads
-from clp_fast.lookup import lookup_continuation
 from clp_fast.memory import check_cache_fits
 from clp_fast.model import NativeBackbone, StaticKVCache
+from clp_fast.tree import FED_TOKEN_COST, TreeCalibration, _chain_tree, _lossless_tree, _topm_tree, _Tree  # noqa: F401
 
 __all__ = ["MODES", "DecodeStats", "generate", "left_pad"]
 
@@ -43,6 +43,9 @@ LOOKUP_WIDTH = 6
 # 0: 1.05x; B = 16: 1 guess 0.95x, 0: 0.89x. B = 1 stays uncapped.
 MAX_STEP_TOKENS = 10
 POLICIES = ("clp", "gate")
+# Tree mode (tree_top_m > 1): at most this many guesses per row per step; the cost rule in clp_fast.tree usually
+# stops well before it.
+TREE_MAX_GUESSES = 16
 
 
 @dataclass
@@ -87,12 +90,15 @@ class _Step:
     pending: torch.Tensor  # [B] the backbone's next token, not yet in the cache
     drafts: torch.Tensor  # [B, k] head guesses following ``pending``
     n_drafts: torch.Tensor  # [B] how many of them the policy takes
+    top_ids: torch.Tensor | None = None  # [B, k, m] each head's m best candidates (tree mode)
+    top_p: torch.Tensor | None = None  # [B, k, m] their probabilities
 
 
 # ------------------------------------------------------------------------------------------ steps
 def _draft(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, mode: str, policy: str,
-           threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused heads over ``hidden [R, H]`` → ids ``[R, k + 1]``, conf ``[R, k + 1]``, n ``[R]``.
+           threshold: float, top_m: int = 1) -> tuple[torch.Tensor, ...]:
+    """Fused heads over ``hidden [R, H]`` → ids ``[R, k + 1]``, conf ``[R, k + 1]``, n ``[R]``; with
+    ``top_m > 1`` also each head's top-m ids and probabilities ``[R, k, m]``.
 
     Column 0 of ids is the backbone's next token; n is the number of head guesses the policy
     takes (0 in greedy mode).
@@ -101,138 +107,46 @@ def _draft(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, mod
         ids, conf, _ = backend.fused_heads(hidden, bb.no_heads[0], bb.no_heads[1], bb.lm_head_weight)
         return ids, conf, torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
     use_clp = policy == "clp"
-    ids, conf, n = heads.fused(hidden, bb.lm_head_weight, threshold, with_clp=use_clp)
+    ids, conf, n, *top = heads.fused(hidden, bb.lm_head_weight, threshold, with_clp=use_clp, top_m=top_m)
     if not use_clp:
         n = heads.gate.accept_lengths(hidden, conf[:, 1:], threshold)
-    return ids, conf, n
+    return (ids, conf, n, *top)
 
 
 def _draft_fed(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, n_fed: torch.Tensor, mode: str,
-               policy: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+               policy: str, threshold: float, top_m: int = 1) -> tuple[torch.Tensor, ...]:
     """:func:`_draft` after a step that fed ``n_fed[b]`` real tokens to row ``b`` (``hidden [B, T, H]``).
 
     Only real positions go through the LM head: in a ragged batch a row fed fewer tokens than the
     longest (or none, once finished) would otherwise pay ``k + 1`` logit rows per padding slot. Returns
-    ids ``[B, T, k + 1]`` and accept lengths ``[B, T]``; padding positions hold 0 (never read: a row
-    accepts at most ``n_fed[b] - 1`` guesses and drafts from the position after its last accepted one).
+    ids ``[B, T, k + 1]`` and accept lengths ``[B, T]`` (with ``top_m > 1`` also top ids / probabilities
+    ``[B, T, k, m]``); padding positions hold 0 (never read: a row accepts at most ``n_fed[b] - 1``
+    guesses and drafts from the position after its last accepted one).
     """
     B, T, H = hidden.shape
     real = torch.arange(T, device=hidden.device)[None] < n_fed[:, None]  # [B, T]
     if bool(real.all()):
-        ids, _, n = _draft(bb, heads, hidden.reshape(B * T, H), mode, policy, threshold)
-        return ids.view(B, T, -1), n.view(B, T)
-    ids_r, _, n_r = _draft(bb, heads, hidden[real], mode, policy, threshold)
-    ids = ids_r.new_zeros((B, T, ids_r.shape[1]))
-    n = n_r.new_zeros((B, T))
-    ids[real], n[real] = ids_r, n_r
-    return ids, n
+        ids, _, n, *top = _draft(bb, heads, hidden.reshape(B * T, H), mode, policy, threshold, top_m)
+        return (ids.view(B, T, -1), n.view(B, T), *(t.view(B, T, *t.shape[1:]) for t in top))
+    ids_r, _, n_r, *top_r = _draft(bb, heads, hidden[real], mode, policy, threshold, top_m)
+    out = []
+    for t in (ids_r, n_r, *top_r):
+        full = t.new_zeros((B, T, *t.shape[1:]))
+        full[real] = t
+        out.append(full)
+    return tuple(out)
 
 
 def _prefill(bb: NativeBackbone, cache: StaticKVCache, prompts: torch.Tensor, prompt_len: torch.Tensor,
-             heads, mode, policy, threshold) -> _Step:
+             heads, mode, policy, threshold, top_m: int = 1) -> _Step:
     """Run the unpadded prompts ``[B, P]`` (row b real for its first ``prompt_len[b]``), commit them
     from slot 0, and draft from each row's last prompt position."""
     hidden, new_k, new_v = bb.forward(prompts, cache, prompt_len)  # [B, P, H]
     backend.commit_kv_span_(cache.k, cache.v, new_k, new_v, cache.lengths, prompt_len)
     cache.lengths += prompt_len
     last = hidden[torch.arange(prompts.shape[0], device=prompts.device), prompt_len - 1]  # [B, H]
-    ids, _, n = _draft(bb, heads, last, mode, policy, threshold)
-    return _Step(ids[:, 0], ids[:, 1:], n)
-
-
-@dataclass
-class _Tree:
-    """One step's draft trees, one per row, as padded ``[B, T]`` tensors (node 0 = the pending token).
-
-    Parents precede children, so a path read in index order is read root first.
-    """
-
-    tokens: torch.Tensor  # [B, T]
-    parent: torch.Tensor  # [B, T] index of the parent node (node 0 and padding: 0)
-    depth: torch.Tensor  # [B, T] guesses between the node and the root (position offset)
-    anc: torch.Tensor  # [B, T, T] bool: anc[b, i, j] <=> j is i or one of its ancestors
-    n_fed: torch.Tensor  # [B] real nodes per row (0 for rows not run)
-
-
-def _make_tree(rows: list[tuple[list[int], list[int]]], device) -> _Tree:
-    """``rows[b] = (tokens, parents)`` lists (parents[0] unused) → padded :class:`_Tree`."""
-    B, T = len(rows), max(1, max(len(t) for t, _ in rows))
-    tokens = torch.zeros((B, T), dtype=torch.long)
-    parent = torch.zeros((B, T), dtype=torch.long)
-    depth = torch.zeros((B, T), dtype=torch.long)
-    anc = torch.zeros((B, T, T), dtype=torch.bool)
-    for b, (toks, pars) in enumerate(rows):
-        n = len(toks)
-        if n:
-            tokens[b, :n] = torch.tensor(toks, dtype=torch.long)
-        anc[b, torch.arange(T), torch.arange(T)] = True  # itself (padding nodes: only itself)
-        for i in range(1, n):
-            parent[b, i] = pars[i]
-            depth[b, i] = depth[b, pars[i]] + 1
-            anc[b, i] |= anc[b, pars[i]]
-    n_fed = torch.tensor([len(t) for t, _ in rows], dtype=torch.long)
-    return _Tree(*(x.to(device) for x in (tokens, parent, depth, anc, n_fed)))
-
-
-def _insert(toks: list[int], pars: list[int], children: dict, branch: list[int], budget: int) -> None:
-    """Add ``branch`` below the root of a trie held as ``toks``/``pars`` lists, sharing existing nodes;
-    stops when the trie has ``budget`` nodes."""
-    node = 0
-    for t in branch:
-        nxt = children.get((node, t))
-        if nxt is None:
-            if len(toks) >= budget:
-                return
-            nxt = len(toks)
-            toks.append(t)
-            pars.append(node)
-            children[(node, t)] = nxt
-        node = nxt
-
-
-def _lossless_tree(step: _Step, contexts: list[list[int]], width: int, max_guesses: torch.Tensor,
-                   active: torch.Tensor, device) -> _Tree:
-    """Per active row: a 2/3-gram prompt-lookup branch of up to ``width`` guesses (the strongest guess:
-    held-out chain accuracy of the heads beyond head 1 is ~0.08 / 0.02), the heads' chain, then, when no
-    longer n-gram matched, a 1-gram lookup branch of up to ``width // 2``, merged into one trie of at most
-    ``1 + max_guesses[b]`` nodes.
-
-    Simulated on the greedy outputs of 24 HumanEval prompts (Qwen2.5-Coder-0.5B, k = 2 heads): tau 1.70
-    for the best single branch per step, 1.86 for the tree; the cheaper alternatives measured there
-    (3 lookup branches: +0.045 tau for +2.2 fed tokens; a stdlib n-gram datastore: +0.10 for +1.3) cost
-    about what they gain on this CPU, where each fed token costs ~2.5 % of a step."""
-    pending, drafts, n_heads = step.pending.tolist(), step.drafts.tolist(), step.n_drafts.tolist()
-    cap = max_guesses.tolist()
-    rows = []
-    for b, live in enumerate(active.tolist()):
-        if not live:
-            rows.append(([], []))
-            continue
-        toks, pars, children = [pending[b]], [0], {}
-        branches = []
-        if width:
-            ctx = contexts[b] + [pending[b]]
-            strong = lookup_continuation(ctx, width, min_ngram=2)
-            branches.append(strong)
-            branches.append(drafts[b][: n_heads[b]])
-            if not strong:  # a 1-gram match is a weak signal: a short branch (simulated: +1 % tok/s over width)
-                branches.append(lookup_continuation(ctx, max(1, width // 2), max_ngram=1))
-        else:
-            branches.append(drafts[b][: n_heads[b]])
-        for br in branches:
-            _insert(toks, pars, children, br[: cap[b]], 1 + cap[b])
-        rows.append((toks, pars))
-    return _make_tree(rows, device)
-
-
-def _chain_tree(step: _Step, n: torch.Tensor, active: torch.Tensor, device) -> _Tree:
-    """The pending token followed by the first ``n[b]`` head guesses (greedy: n = 0; clp mode)."""
-    pending, drafts = step.pending.tolist(), step.drafts.tolist()
-    rows = []
-    for b, (live, nb) in enumerate(zip(active.tolist(), n.tolist())):
-        toks = [pending[b]] + drafts[b][:nb] if live else []
-        rows.append((toks, list(range(-1, len(toks) - 1))))
-    return _make_tree(rows, device)
+    ids, _, n, *top = _draft(bb, heads, last, mode, policy, threshold, top_m)
+    return _Step(ids[:, 0], ids[:, 1:], n, *top)
 
 
 def _verify(ids: torch.Tensor, tree: _Tree, mode: str) -> torch.Tensor:
@@ -319,6 +233,21 @@ def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, m
         raise ValueError(f"clp_threshold={threshold!r} must be a probability in [0, 1]")
 
 
+def _tree_setup(heads: MTPHeads | None, mode: str, tree_top_m: int | None) -> tuple[TreeCalibration | None, int]:
+    """The tree calibration and candidates per head for this call: ``(None, 1)`` outside tree mode."""
+    calib = heads.tree_calibration if heads is not None else None
+    if tree_top_m is None:
+        return (calib, calib.top_m) if (calib is not None and mode == "lossless") else (None, 1)
+    if isinstance(tree_top_m, bool) or not isinstance(tree_top_m, int) or not 1 <= tree_top_m <= 8:
+        raise ValueError(f"tree_top_m={tree_top_m!r} must be an int in [1, 8] or None")
+    if tree_top_m > 1 and mode != "lossless":
+        raise ValueError(f"tree_top_m={tree_top_m} needs mode='lossless', got mode={mode!r}")
+    if tree_top_m > 1 and calib is None:
+        raise ValueError(f"tree_top_m={tree_top_m} needs heads with a tree calibration (config 'extra.tree'); "
+                         "these heads have none")
+    return (calib, tree_top_m) if tree_top_m > 1 else (None, 1)
+
+
 def _eos_tensor(model, eos_token_id, device):
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -361,6 +290,7 @@ def generate(
     return_stats: bool = False,
     max_cache_bytes: int | None = None,
     streamer=None,
+    tree_top_m: int | None = None,
 ):
     """Decode ``max_new_tokens`` tokens for each row of a (left-padded) batch.
 
@@ -386,6 +316,9 @@ def generate(
         return_stats: also return a :class:`DecodeStats`.
         max_cache_bytes: refuse (:class:`clp_fast.memory.CacheTooLargeError`) a static KV cache larger than this;
             one larger than the memory available on the device is always refused, before it is allocated.
+        tree_top_m: lossless mode: draft trees over each head's ``tree_top_m`` best candidates, nodes chosen
+            by calibrated expected acceptance (:mod:`clp_fast.tree`; needs heads with a tree calibration);
+            1 = the heads' argmax chain beside the lookup branch; None → the heads' calibrated m, else 1.
         streamer: batch 1 only: ``put(prompt)``, one ``put`` per step with the kept tokens, ``end()``
             (transformers' protocol; see :mod:`clp_fast.streaming`).
 
@@ -414,6 +347,7 @@ def generate(
     _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold, prompt_lookup,
                   max_step_tokens)
     streaming.check_streamer(streamer, input_ids.shape[0])
+    calib, top_m = _tree_setup(heads, mode, tree_top_m)
 
     dev = input_ids.device
     B, P = input_ids.shape
@@ -438,7 +372,7 @@ def generate(
     stats = DecodeStats(mode=mode, accept_hist=[0] * (width + 1))
 
     streaming.put_prompt(streamer, input_ids)
-    step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold)
+    step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold, top_m)
     contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
     stats.forward_passes = 1
     row_forwards = torch.ones(B, dtype=torch.long, device=dev)
@@ -475,13 +409,17 @@ def generate(
             max_guesses = (remaining - 1).clamp(min=0)
             if max_step_tokens:  # fewer guesses keep the output; in clp mode they would change it
                 max_guesses = max_guesses.clamp(max=max(1, max_step_tokens // int(active.sum()) - 1))
-            tree = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev)
+            if top_m > 1:
+                tree = _topm_tree(step, contexts, prompt_lookup, max_guesses.clamp(max=TREE_MAX_GUESSES), active,
+                                  calib, FED_TOKEN_COST, dev)
+            else:
+                tree = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev)
         else:
             tree = _chain_tree(step, n_known, active, dev)
         hidden, new_k, new_v = bb.forward(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
         stats.forward_passes += 1
         row_forwards += active.long()
-        ids, n_next = _draft_fed(bb, heads, hidden, tree.n_fed, mode, policy, threshold)
+        ids, n_next, *top = _draft_fed(bb, heads, hidden, tree.n_fed, mode, policy, threshold, top_m)
         best = _verify(ids, tree, mode)  # [B] deepest accepted node
         m = tree.depth[rows, best]  # guesses accepted
         stats.drafted += int((tree.n_fed - 1).clamp(min=0).sum())
@@ -498,7 +436,7 @@ def generate(
         _append(out, produced, path, cnt)
         streaming.put_tokens(streamer, path, cnt)
         done |= hit_eos & active | (produced >= max_new_tokens)
-        step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best])
+        step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best], *(t[rows, best] for t in top))
         if prompt_lookup:
             for b, c in enumerate(cnt.tolist()):
                 contexts[b] += path[b, :c].tolist()

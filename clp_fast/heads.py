@@ -154,15 +154,24 @@ class MTPHeads(nn.Module):
         return cls(W.shape[1], W.shape[0], k, backbone=str(name), fingerprint=lm_head_fingerprint(W), **kwargs)
 
     def fused(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float | None = None,
-              *, with_clp: bool = True):
-        """:func:`clp_fast.backend.fused_heads` with these heads: ids ``[R, k + 1]``, conf, accept ``[R]``."""
+              *, with_clp: bool = True, top_m: int = 1):
+        """:func:`clp_fast.backend.fused_heads` with these heads: ids ``[R, k + 1]``, conf, accept ``[R]``
+        (and with ``top_m > 1`` each head's top-m ids and probabilities ``[R, k, m]``)."""
         from clp_fast import backend
 
         lin = self.clp.linear if with_clp else None
         return backend.fused_heads(
             hidden, self.weight, self.bias, lm_head_weight, lin.weight if lin else None, lin.bias if lin else None,
-            0.5 if threshold is None else threshold, draft_vocab=self.draft_vocab,
+            0.5 if threshold is None else threshold, draft_vocab=self.draft_vocab, top_m=top_m,
         )
+
+    @property
+    def tree_calibration(self):
+        """The shipped :class:`clp_fast.tree.TreeCalibration` (config ``extra.tree``), or None."""
+        from clp_fast.tree import TreeCalibration
+
+        table = self.extra_config.get("tree")
+        return TreeCalibration.from_dict(table) if table else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [R, H]`` → ``[R, k + 1, H]`` (row 0 is ``hidden``; see reference.head_hidden)."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import clp_fast
 from clp_fast import decode
+from clp_fast import tree as tree_mod
 from clp_fast.heads import MTPHeads
 from clp_fast.model import NativeBackbone
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
@@ -48,8 +49,8 @@ class OracleDrafts:
         self.V = model.config.vocab_size
         self.original = decode._draft
 
-    def __call__(self, bb, heads, hidden, mode, policy, threshold):
-        ids, conf, n = self.original(bb, heads, hidden, mode, policy, threshold)
+    def __call__(self, bb, heads, hidden, mode, policy, threshold, top_m=1):
+        ids, conf, n, *top = self.original(bb, heads, hidden, mode, policy, threshold, top_m)
         nearest = torch.cdist(hidden.float(), self.bank).argmin(-1).tolist()
         for i, b in enumerate(nearest):
             r, t = self.where[b]
@@ -60,7 +61,7 @@ class OracleDrafts:
                     if (t + 3 * j) % self.corrupt_every == 0:
                         tok = (tok + 1) % self.V
                     ids[i, j] = tok
-        return ids, conf, n
+        return (ids, conf, n, *top)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -165,7 +166,7 @@ def test_draft_tree_verifies_lookup_and_heads_branches_together(monkeypatch):
                 return guess
         return []
 
-    monkeypatch.setattr(decode, "lookup_continuation", oracle_lookup)
+    monkeypatch.setattr(tree_mod, "lookup_continuation", oracle_lookup)
     wins, original = [], decode._verify
 
     def spy(ids_, tree, mode):
