@@ -14,10 +14,21 @@ import signal
 import sys
 from collections import Counter
 
-__all__ = ["KILL_ENV", "kill_point"]
+__all__ = ["KILL_ENV", "kill_point", "pid_alive"]
 
 KILL_ENV = "CLP_FAST_KILL_AT"
 _reached: Counter = Counter()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a file named after a dead writer's pid is a killed run's leftover)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def kill_point(name: str) -> None:

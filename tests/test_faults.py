@@ -380,8 +380,70 @@ def test_fetch_killed_at_a_point_then_fetched_again(point, tmp_path, monkeypatch
     _assert_fetched_once_whole(home)
 
 
+
+# ------------------------------------------------------------------------------- training: killed, resumed
+# A run of a few seconds (1-layer model, ~384 tokens, two epochs) whose tiny max_ram_gb cuts the data into many
+# shards and whose checkpoint_every=3 checkpoints several times.
+FAST_TRAIN = dict(k=2, max_tokens=384, window=32, skip_first=4, gen_prompts=2, heldout_prompts=4, gen_new_tokens=6,
+                  prompt_chars=120, batch_size=32, epochs=1, lr=1e-2, warmup_steps=2, checkpoint_every=3,
+                  prefill_batch=4, gen_batch=4, max_ram_gb=0.00005, stdlib=False, exclude=[], progress=False,
+                  top_k=8, kl_topk=8, ce_negatives=64, with_gate=False)
+
+
+class ByteTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return list(text.encode("utf-8"))
+
+
+def _train(tmp: Path, resume: bool):
+    from clp_fast import train
+    from clp_fast.data import stdlib_dir
+
+    model = tiny_model("qwen2", vocab_size=300, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+    return train.train_heads(model, tmp / "out", tokenizer=ByteTokenizer(), corpus=[str(stdlib_dir() / "json")],
+                             cache_dir=tmp / "cache", resume=resume, **FAST_TRAIN)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_heads(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("uninterrupted"), resume=False)
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp-*"))
+
+
+def test_training_killed_at_each_stage_resumes_to_the_same_heads(uninterrupted_heads, tmp_path):
+    """SIGKILLed while writing a data shard, then while writing a checkpoint, then after writing the heads but
+    before marking the run done: each resume picks up, and the last one ends with the uninterrupted run's heads."""
+    import clp_fast.train as train_pkg
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    for i, point in enumerate(["build:shard-tmp@3", "checkpoint-tmp@2", "finish:saved"]):
+        proc = _spawn(["train", str(tmp_path), "resume" if i else "fresh"], tmp_path / "home", CLP_FAST_KILL_AT=point)
+        _, err = proc.communicate(timeout=DEADLINE_S)
+        assert proc.returncode == -9, f"{point}: exit {proc.returncode}\n{err[-3000:]}"
+        assert (out / train_pkg.RUN_MARKER).is_file(), point  # the run is not marked done ...
+        if point != "finish:saved":
+            assert not (out / "heads.safetensors").exists(), point  # ... and left no heads to load
+        if point.startswith("build"):
+            assert any(name.endswith(f".tmp-{proc.pid}") for name in _temps(cache)), _temps(cache)
+        if point.startswith("checkpoint"):  # the first checkpoint is intact; the second was never renamed in
+            assert torch.load(cache / train_pkg.CKPT_NAME, weights_only=False)["step"] == FAST_TRAIN["checkpoint_every"]
+    heads = _train(tmp_path, resume=True)
+    expected, got = uninterrupted_heads.state_dict(), heads.state_dict()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert heads.thresholds == uninterrupted_heads.thresholds
+    assert not (out / train_pkg.RUN_MARKER).exists() and _temps(tmp_path) == []
+
+
 if __name__ == "__main__":  # the subprocess drivers of the fetch / training tests
     if sys.argv[1] == "fetch":
         _install_fake_source(Path(sys.argv[2]), setattr, lambda d, k, v: d.__setitem__(k, v))
         sys.exit(cli_main(["fetch", NAME]))
+    if sys.argv[1] == "train":
+        _train(Path(sys.argv[2]), resume=sys.argv[3] == "resume")
+        sys.exit(0)
     raise SystemExit(f"unknown driver {sys.argv[1]!r}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clp_fast.train.config import KINDS, TrainConfig, log
-from clp_fast.train.shards import CorruptShardError, check_shard, write_shard
+from clp_fast.train.shards import CorruptShardError, check_shard, remove_dead_temps, write_shard
 
 
 def lm_topk(W: torch.Tensor, h: torch.Tensor, top_k: int, chunk: int = 512):
@@ -122,10 +122,12 @@ def build_data(model, bb, plan: dict, cfg: TrainConfig, cache: Path, progress: b
     """Write every missing (or corrupt) shard of every kind; returns per-kind stats."""
     H = bb.lm_head_weight.shape[1]
     out = {}
+    remove_dead_temps(cache)
     for kind in KINDS:
         seqs = plan.get(kind, [])
         d = cache / kind
         d.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(d)
         L = seq_len(cfg, kind, seqs)
         per = shard_seqs(cfg, L, H)
         n_shards = math.ceil(len(seqs) / per)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from clp_fast.faults import kill_point
+
 RUN_MARKER = "train_run.json"
 CKPT_NAME = "checkpoint.pt"
 PLAN_NAME = "plan.json"
@@ -107,6 +109,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(obj, tmp)
+        kill_point("checkpoint-tmp")
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)

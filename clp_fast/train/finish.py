@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from clp_fast.faults import kill_point
 from clp_fast.heads import MTPHeads
 from clp_fast.train.card import card_md, make_card
 from clp_fast.train.config import CKPT_NAME, TrainConfig, atomic_write_text, log
@@ -57,6 +58,7 @@ def finish_run(model, bb, plan: dict, cfg: TrainConfig, cache: Path, out_dir: Pa
     atomic_write_text(out_dir / "training_card.json", json.dumps(card, indent=1) + "\n")
     atomic_write_text(out_dir / "training_card.md", card_md(card))
     atomic_write_text(out_dir / "clp_metrics.json", json.dumps(policies, indent=1) + "\n")
+    kill_point("finish:saved")
     marker.unlink(missing_ok=True)
     (cache / CKPT_NAME).unlink(missing_ok=True)
     if not keep_cache:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from clp_fast.faults import kill_point
 from clp_fast.heads import MTPHeads
 from clp_fast.train import losses
 from clp_fast.train.config import CKPT_NAME, TRAIN_KINDS, TrainConfig, atomic_torch_save, seeded
@@ -178,6 +179,7 @@ def fit_heads(net: TrainableHeads, W: torch.Tensor, cfg: TrainConfig, cache: Pat
             trainable = {n: p.detach().clone() for n, p in net.named_parameters()}
             atomic_torch_save({"net": trainable, "opt": opt.state_dict(), "step": step, "history": history,
                                "fingerprint": fingerprint}, ckpt)
+            kill_point("fit:checkpoint")
         after_step(step)
     bar.close()
     return {"steps": len(steps), "positions_per_epoch": sum(sizes), "loss_history": history,

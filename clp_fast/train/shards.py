@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from clp_fast.faults import kill_point, pid_alive
+
 SHARD_KEYS = ("hidden", "argmax", "top_ids", "top_logp", "tokens", "length", "start", "gen_start")
 META_KEYS = ("argmax", "tokens", "length", "start", "gen_start")
 
@@ -40,13 +42,24 @@ def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_tensors(tensors, tmp)  # a module global, looked up at call time: tests patch it
+        kill_point("build:shard-tmp")
         os.replace(tmp, path)
+        kill_point("build:shard")
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"disk full while writing data shard {path}; the shards before it are "
                                         f"intact -- free some space and rerun with --resume (resume=True)") from err
         raise
+
+
+def remove_dead_temps(folder: Path) -> None:
+    """Delete the ``.<name>.tmp-<pid>`` files in ``folder`` left by writers that were killed (their pid is gone):
+    never taken for complete (their names do not match), but litter."""
+    for tmp in folder.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def check_shard(path: Path, planned: list[list[int]] | None = None, prompts_only: bool = False) -> None:
