@@ -125,8 +125,7 @@ def best_first_tree(pending: int, cand: list[list[int]], prob: list[list[float]]
         if node is not None:  # a head candidate equal to a lookup guess: one node; the lookup chain goes on
             if li >= 0:
                 est[node] = max(est[node], e)
-                expand_lookup_only = li + 1 < len(lookup)
-                if expand_lookup_only:
+                if li + 1 < len(lookup):
                     push(node, depth + 1, est[node] * calib.lookup_rate(depth + 1), lookup[li + 1], li + 1)
             continue
         where[(parent, tok)] = len(toks)
