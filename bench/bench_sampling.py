@@ -53,16 +53,16 @@ def parse_args(argv):
 
 
 def make_methods(model, heads, args, eos: list[int], pad: int) -> dict:
-    """name → fn(ids, mask, seed) → (output ids [1, P + G], DecodeStats or None)."""
-    n, T, top_p = args.new_tokens, args.temperature, args.top_p
+    """name → fn(ids, mask, seed, n) → (output ids [1, P + G], DecodeStats or None)."""
+    T, top_p = args.temperature, args.top_p
     procs = sampling_processors(T, None, top_p)
 
-    def hf_sample(ids, mask, seed):
+    def hf_sample(ids, mask, seed, n):
         torch.manual_seed(seed)
         return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=True, temperature=T, top_p=top_p,
                               top_k=0, eos_token_id=eos, pad_token_id=pad), None
 
-    def clp_sample(ids, mask, seed):
+    def clp_sample(ids, mask, seed, n):
         g = torch.Generator().manual_seed(seed)
         return clp_fast.generate_processed(model, ids, heads, attention_mask=mask, max_new_tokens=n,
                                            logits_processor=procs, do_sample=True, generator=g, eos_token_id=eos,
@@ -70,11 +70,11 @@ def make_methods(model, heads, args, eos: list[int], pad: int) -> dict:
 
     methods = {"hf-sample": hf_sample, "clp-sample": clp_sample}
     if not args.no_greedy:
-        def clp_greedy(ids, mask, seed):
+        def clp_greedy(ids, mask, seed, n):
             return clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=n, eos_token_id=eos,
                                      pad_token_id=pad, return_stats=True)
 
-        def patched_greedy(ids, mask, seed):
+        def patched_greedy(ids, mask, seed, n):
             clp_fast.patch(model, heads)
             try:
                 return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
@@ -86,18 +86,18 @@ def make_methods(model, heads, args, eos: list[int], pad: int) -> dict:
     return methods
 
 
-def run(methods: dict, prompts: list[torch.Tensor], eos: list[int], seed: int) -> dict:
+def run(methods: dict, prompts: list[torch.Tensor], eos: list[int], seed: int, n: int) -> dict:
     """Every method on every prompt, order alternating per prompt; per method tokens, seconds, accept stats."""
     acc = {m: {"tokens": 0, "seconds": 0.0, "forwards": 0, "drafted": 0, "accepted": 0, "hist": []} for m in methods}
     ids0 = prompts[0]
-    for fn in methods.values():  # warm-up
-        fn(ids0, torch.ones_like(ids0), seed)
+    for fn in methods.values():  # warm-up (a few tokens: first-call costs, not a measurement)
+        fn(ids0, torch.ones_like(ids0), seed, 4)
     for i, ids in enumerate(prompts):
         mask = torch.ones_like(ids)
         names = list(methods) if i % 2 == 0 else list(reversed(methods))
         for name in names:
             t0 = time.perf_counter()
-            out, stats = methods[name](ids, mask, seed + i)
+            out, stats = methods[name](ids, mask, seed + i, n)
             a = acc[name]
             a["seconds"] += time.perf_counter() - t0
             a["tokens"] += len(metrics.generated_ids(out[0].tolist(), ids.shape[1], eos))
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     eos, pad = stop_ids(model, tok), tok.pad_token_id if tok.pad_token_id is not None else 0
     prompts = [tok(r["prompt"], return_tensors="pt").input_ids for r in humaneval_prompts(args.prompts, args.seed)]
     load_before = loadavg()
-    acc = run(make_methods(model, heads, args, eos, pad), prompts, eos, args.seed)
+    acc = run(make_methods(model, heads, args, eos, pad), prompts, eos, args.seed, args.new_tokens)
     rows = summarize(acc)
     load_after = loadavg()
 
