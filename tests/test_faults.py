@@ -439,6 +439,61 @@ def test_training_killed_at_each_stage_resumes_to_the_same_heads(uninterrupted_h
     assert not (out / train_pkg.RUN_MARKER).exists() and _temps(tmp_path) == []
 
 
+
+# ------------------------------------------------------------------------------- soak (the short variant)
+SOAK_LIMITS = {"max_batch": 2, "max_prompt": 12, "max_budget": 5}  # bench/soak.py's defaults are 8, 48, 24
+
+
+@pytest.fixture
+def one_thread():
+    """The soak tests run on one thread: on a shared 2-core machine two OpenMP threads spin against other jobs
+    (the same three small calls took 45 s on 2 threads, 6.6 s on 1, at load average 7). Both sides of every
+    comparison run in the same setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _soak_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("soak", Path(__file__).resolve().parents[1] / "bench" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_soak_equals_transformers_greedy(smollm2, one_thread):
+    from clp_fast.assets import default_heads_for
+
+    model, tok = smollm2
+    result = _soak_module().soak(model, tok, default_heads_for(model), seconds=3, seed=1, limits=SOAK_LIMITS)
+    assert result["calls"] >= 1 and result["checked"] >= 2  # the warm-up alone checks greedy and lossless
+    assert result["mismatches"] == 0, [r for r in result["records"] if not r["ok"]][:3]
+    assert result["rss_growth"] < 0.05, result["rss_samples"]
+
+
+def test_soak_counts_a_wrong_token_as_a_mismatch(smollm2, one_thread):
+    import clp_fast
+    from clp_fast.assets import default_heads_for
+
+    model, tok = smollm2
+    real = clp_fast.generate
+
+    def one_token_off(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if kwargs["mode"] == "lossless":
+            out = out.clone()
+            out[0, -1] = (out[0, -1] + 1) % model.config.vocab_size
+        return out
+
+    result = _soak_module().soak(model, tok, default_heads_for(model), seconds=0, limits=SOAK_LIMITS,
+                                 generate=one_token_off)
+    assert result["calls"] == 0 and result["warmup_calls"] == 3  # greedy, lossless, clp
+    assert [r["mode"] for r in result["records"] if not r["ok"]] == ["lossless"]
+
+
 if __name__ == "__main__":  # the subprocess drivers of the fetch / training tests
     if sys.argv[1] == "fetch":
         _install_fake_source(Path(sys.argv[2]), setattr, lambda d, k, v: d.__setitem__(k, v))
