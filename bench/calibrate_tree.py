@@ -41,7 +41,8 @@ def main() -> None:
     calib, report = calibrate(heads, model.get_output_embeddings().weight, args.cache, args.top_m, args.lookup_width)
     cfg_path = args.heads / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg.setdefault("extra", {})["tree"] = {**calib.to_dict(), "measured_on": [str(Path(s).relative_to(args.cache)) for s in report["shards"]],
+    shards = [str(Path(s).relative_to(args.cache)) for s in report["shards"]]
+    cfg.setdefault("extra", {})["tree"] = {**calib.to_dict(), "measured_on": shards,
                                            "hit_rate_by_rank": report["hit_rate_by_rank"]}
     tmp = cfg_path.with_name(f".{cfg_path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")

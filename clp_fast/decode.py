@@ -419,8 +419,15 @@ def generate(
         hidden, new_k, new_v = bb.forward(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
         stats.forward_passes += 1
         row_forwards += active.long()
-        ids, n_next, *top = _draft_fed(bb, heads, hidden, tree.n_fed, mode, policy, threshold, top_m)
-        best = _verify(ids, tree, mode)  # [B] deepest accepted node
+        if mode == "clp":  # the whole chain is taken: only its last node's logit rows are needed
+            best = (tree.n_fed - 1).clamp(min=0)
+            ids_last, _, n_last = _draft(bb, heads, hidden[rows, best], mode, policy, threshold)
+            next_step = _Step(ids_last[:, 0], ids_last[:, 1:], n_last)
+        else:
+            ids, n_next, *top = _draft_fed(bb, heads, hidden, tree.n_fed, mode, policy, threshold, top_m)
+            best = _verify(ids, tree, mode)  # [B] deepest accepted node
+            next_step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best],
+                              *(t[rows, best] for t in top))
         m = tree.depth[rows, best]  # guesses accepted
         stats.drafted += int((tree.n_fed - 1).clamp(min=0).sum())
         _count_accepts(stats, torch.where(active, m, -1))
@@ -436,7 +443,7 @@ def generate(
         _append(out, produced, path, cnt)
         streaming.put_tokens(streamer, path, cnt)
         done |= hit_eos & active | (produced >= max_new_tokens)
-        step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best], *(t[rows, best] for t in top))
+        step = next_step
         if prompt_lookup:
             for b, c in enumerate(cnt.tolist()):
                 contexts[b] += path[b, :c].tolist()

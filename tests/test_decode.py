@@ -208,6 +208,29 @@ def test_clp_mode_takes_guesses_unverified(monkeypatch):
     assert_equal_ids(got, want)
 
 
+def test_clp_mode_computes_logit_rows_only_at_each_rows_last_fed_node(monkeypatch):
+    """clp mode takes the whole fed chain, so the next step needs the heads only at its last node: every draft
+    call sees one hidden row per batch row, whatever the chain length (lossless sees every fed node)."""
+    model = tiny_model("qwen2")
+    heads = random_heads(model, 3)  # the CLP takes every guess
+    sizes, original = [], decode._draft
+
+    def spy(bb, heads_, hidden, *args):
+        sizes.append(hidden.shape[0])
+        return original(bb, heads_, hidden, *args)
+
+    monkeypatch.setattr(decode, "_draft", spy)
+    ids, mask = left_pad(PROMPTS)
+    _, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=16, mode="clp", eos_token_id=[],
+                              pad_token_id=0, clp_threshold=0.5, return_stats=True)
+    assert sum(st.accept_hist[1:]) > 0, st.accept_hist  # chains longer than one node were fed
+    assert sizes and set(sizes) == {len(PROMPTS)}, sizes
+    sizes.clear()
+    clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=16, mode="lossless", eos_token_id=[],
+                      pad_token_id=0, prompt_lookup=0, max_step_tokens=None)
+    assert max(sizes) > len(PROMPTS), sizes
+
+
 def test_draft_vocabulary_reaches_the_heads_and_lossless_stays_exact(monkeypatch):
     """Heads with a 40-token draft vocabulary only ever guess ids < 40; verification keeps the output greedy's."""
     model = tiny_model("qwen2")

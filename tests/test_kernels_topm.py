@@ -40,8 +40,9 @@ def assert_top_ids_near(args, top_ids, ref_top, draft_vocab=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("R,H,V,k,m,Vd", [(3, 96, 1003, 3, 4, None), (5, 64, 1000, 2, 8, 300), (1, 64, 1000, 1, 2, None),
-                                          (4, 80, 777, 4, 3, 129), (2, 64, 1000, 0, 3, None)])
+@pytest.mark.parametrize("R,H,V,k,m,Vd", [(3, 96, 1003, 3, 4, None), (5, 64, 1000, 2, 8, 300),
+                                          (1, 64, 1000, 1, 2, None), (4, 80, 777, 4, 3, 129),
+                                          (2, 64, 1000, 0, 3, None)])
 def test_top_m_random_matches_reference(R, H, V, k, m, Vd, dtype):
     args, _ = make_inputs(R, H, V, k, dtype)
     ids, conf, accept, top_ids, top_p = fh_mod.fused_heads(*args, draft_vocab=Vd, top_m=m)
