@@ -124,12 +124,19 @@ def check_fused(name, H, V, R, k, dname) -> dict:
     d_ids, d_conf, _ = fused_heads(*args, draft_vocab=V // 4)
     dr_ids, dr_conf, _ = reference.fused_heads(*args, draft_vocab=V // 4)
     draft_ok = torch.equal(d_ids, dr_ids) and bool(torch.isclose(d_conf, dr_conf, atol=atol, rtol=rtol).all())
-    ok = ids_ok and conf_ok and draft_ok
+    # Top-4 candidates per head row (draft trees): the first is the head's argmax; the lists follow the reference
+    # (reported: random logits may near-tie below the first), probabilities within the confidence tolerance.
+    t_ids, _, _, t_top, t_p = fused_heads(*args, draft_vocab=V // 4, top_m=4)
+    r_top, r_p = reference.fused_heads(*args, draft_vocab=V // 4, top_m=4)[3:]
+    top_ok = bool(torch.equal(t_top[..., 0], t_ids[:, 1:]) and torch.isclose(t_p, r_p, atol=atol, rtol=rtol).all())
+    top_agree = (t_top == r_top).float().mean().item() if t_top.numel() else 1.0
+    ok = ids_ok and conf_ok and draft_ok and top_ok
     print(f"CORRECT fused_heads {name} H={H} V={V} R={R} k={k} {dname}: {'PASS' if ok else 'FAIL'} "
           f"(planted ids equal={ids_ok}, draft-vocab equal={draft_ok}, max conf err={conf_err:.2e}, "
-          f"accept agree={acc_eq:.2f}, "
+          f"accept agree={acc_eq:.2f}, top-4 ok={top_ok} (lists agree={top_agree:.3f}), "
           f"random-data ids agree={rand_same:.3f})")  # fmt: skip
     return dict(check="fused_heads", shape=name, H=H, V=V, R=R, k=k, dtype=dname, ok=ok, draft_ok=draft_ok,
+                top_ok=top_ok, top_agree=top_agree,
                 conf_err=conf_err,
                 accept_agree=acc_eq, random_ids_agree=rand_same)  # fmt: skip
 
