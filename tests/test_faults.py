@@ -401,8 +401,13 @@ def _train(tmp: Path, resume: bool):
 
     model = tiny_model("qwen2", vocab_size=300, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2)
-    return train.train_heads(model, tmp / "out", tokenizer=ByteTokenizer(), corpus=[str(stdlib_dir() / "json")],
-                             cache_dir=tmp / "cache", resume=resume, **FAST_TRAIN)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same in every driver and in this process; 2 threads spin on a shared machine
+    try:
+        return train.train_heads(model, tmp / "out", tokenizer=ByteTokenizer(), corpus=[str(stdlib_dir() / "json")],
+                                 cache_dir=tmp / "cache", resume=resume, **FAST_TRAIN)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
