@@ -114,27 +114,24 @@ def _draft(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, mod
 
 
 def _draft_fed(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, n_fed: torch.Tensor, mode: str,
-               policy: str, threshold: float, top_m: int = 1) -> tuple[torch.Tensor, ...]:
+               policy: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_draft` after a step that fed ``n_fed[b]`` real tokens to row ``b`` (``hidden [B, T, H]``).
 
     Only real positions go through the LM head: in a ragged batch a row fed fewer tokens than the
     longest (or none, once finished) would otherwise pay ``k + 1`` logit rows per padding slot. Returns
-    ids ``[B, T, k + 1]`` and accept lengths ``[B, T]`` (with ``top_m > 1`` also top ids / probabilities
-    ``[B, T, k, m]``); padding positions hold 0 (never read: a row accepts at most ``n_fed[b] - 1``
-    guesses and drafts from the position after its last accepted one).
+    ids ``[B, T, k + 1]`` and accept lengths ``[B, T]``; padding positions hold 0 (never read: a row
+    accepts at most ``n_fed[b] - 1`` guesses and drafts from the position after its last accepted one).
     """
     B, T, H = hidden.shape
     real = torch.arange(T, device=hidden.device)[None] < n_fed[:, None]  # [B, T]
     if bool(real.all()):
-        ids, _, n, *top = _draft(bb, heads, hidden.reshape(B * T, H), mode, policy, threshold, top_m)
-        return (ids.view(B, T, -1), n.view(B, T), *(t.view(B, T, *t.shape[1:]) for t in top))
-    ids_r, _, n_r, *top_r = _draft(bb, heads, hidden[real], mode, policy, threshold, top_m)
-    out = []
-    for t in (ids_r, n_r, *top_r):
-        full = t.new_zeros((B, T, *t.shape[1:]))
-        full[real] = t
-        out.append(full)
-    return tuple(out)
+        ids, _, n = _draft(bb, heads, hidden.reshape(B * T, H), mode, policy, threshold)
+        return ids.view(B, T, -1), n.view(B, T)
+    ids_r, _, n_r = _draft(bb, heads, hidden[real], mode, policy, threshold)
+    ids = ids_r.new_zeros((B, T, ids_r.shape[1]))
+    n = n_r.new_zeros((B, T))
+    ids[real], n[real] = ids_r, n_r
+    return ids, n
 
 
 def _prefill(bb: NativeBackbone, cache: StaticKVCache, prompts: torch.Tensor, prompt_len: torch.Tensor,
@@ -424,10 +421,12 @@ def generate(
             ids_last, _, n_last = _draft(bb, heads, hidden[rows, best], mode, policy, threshold)
             next_step = _Step(ids_last[:, 0], ids_last[:, 1:], n_last)
         else:
-            ids, n_next, *top = _draft_fed(bb, heads, hidden, tree.n_fed, mode, policy, threshold, top_m)
+            ids, n_next = _draft_fed(bb, heads, hidden, tree.n_fed, mode, policy, threshold)
             best = _verify(ids, tree, mode)  # [B] deepest accepted node
-            next_step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best],
-                              *(t[rows, best] for t in top))
+            next_step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best])
+            if top_m > 1:  # the next tree grows from the accepted node only: its candidate lists alone
+                next_step.top_ids, next_step.top_p = _draft(bb, heads, hidden[rows, best], mode, policy, threshold,
+                                                            top_m)[3:]
         m = tree.depth[rows, best]  # guesses accepted
         stats.drafted += int((tree.n_fed - 1).clamp(min=0).sum())
         _count_accepts(stats, torch.where(active, m, -1))

@@ -172,7 +172,7 @@ def _top_m(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     vals = torch.where(cand >= 0, lf.gather(1, cand.clamp(min=0)), float("-inf"))
     order = torch.sort(vals, dim=-1, descending=True, stable=True).indices[:, :m]
     ids = cand.gather(1, order).clamp(min=0)
-    p = torch.softmax(lf, dim=-1).gather(1, ids)
+    p = torch.exp(lf.gather(1, ids) - torch.logsumexp(lf, dim=-1, keepdim=True))  # softmax at m ids only
     return ids, p
 
 
