@@ -123,11 +123,20 @@ def method_key(method: dict, run_id: str) -> str:
 
 
 def _run_id(args, heads) -> str:
-    """What a cached completion depends on: model, heads (weights' fingerprint + k), dtype, token budget."""
-    digest = hashlib.sha256(json.dumps({"model": args.model, "heads": heads.config_dict(), "dtype": args.dtype,
+    """What a cached completion depends on: model, dtype, token budget, batching, and the heads' *weights*.
+
+    The weights are hashed rather than the config, whose metadata (calibration tables, notes) may grow
+    without changing a single completion.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(heads.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    digest = hashlib.sha256(json.dumps({"model": args.model, "heads": h.hexdigest(), "k": heads.k,
+                                        "draft_vocab": heads.draft_vocab, "dtype": args.dtype,
                                         "max_new_tokens": args.max_new_tokens, "chunk": args.chunk_tokens,
                                         "batch": args.batch_size, "stops": STOP_STRINGS},
-                                       sort_keys=True, default=str).encode()).hexdigest()[:12]
+                                       sort_keys=True).encode()).hexdigest()[:12]
     return digest
 
 
