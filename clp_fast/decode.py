@@ -421,12 +421,17 @@ def generate(
             ids_last, _, n_last = _draft(bb, heads, hidden[rows, best], mode, policy, threshold)
             next_step = _Step(ids_last[:, 0], ids_last[:, 1:], n_last)
         else:
-            ids, n_next = _draft_fed(bb, heads, hidden, tree.n_fed, mode, policy, threshold)
+            # Verifying needs every fed node's backbone row; the next step's guesses only the accepted node's
+            # head rows. A fused one-read-of-W pass (Triton) gets all rows at once; where logit rows cost compute
+            # (the CPU reference), the heads run on the accepted nodes alone, and so do top-m lists in tree mode.
+            split = heads is not None and mode == "lossless" and (top_m > 1 or backend.backend_for(hidden.device) != "triton")
+            ids, n_next = _draft_fed(bb, None if split else heads, hidden, tree.n_fed, mode, policy, threshold)
             best = _verify(ids, tree, mode)  # [B] deepest accepted node
-            next_step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best])
-            if top_m > 1:  # the next tree grows from the accepted node only: its candidate lists alone
-                next_step.top_ids, next_step.top_p = _draft(bb, heads, hidden[rows, best], mode, policy, threshold,
-                                                            top_m)[3:]
+            if split:
+                ids_b, _, n_b, *top = _draft(bb, heads, hidden[rows, best], mode, policy, threshold, top_m)
+                next_step = _Step(ids[rows, best, 0], ids_b[:, 1:], n_b, *top)
+            else:
+                next_step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best])
         m = tree.depth[rows, best]  # guesses accepted
         stats.drafted += int((tree.n_fed - 1).clamp(min=0).sum())
         _count_accepts(stats, torch.where(active, m, -1))
