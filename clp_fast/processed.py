@@ -22,6 +22,7 @@ import torch
 from clp_fast import backend, streaming
 from clp_fast.decode import (
     MAX_STEP_TOKENS,
+    TREE_MAX_GUESSES,
     DecodeStats,
     _append,
     _chain_tree,
@@ -31,11 +32,13 @@ from clp_fast.decode import (
     _eos_tensor,
     _lossless_tree,
     _Step,
+    _tree_setup,
 )
 from clp_fast.heads import MTPHeads
 from clp_fast.memory import check_cache_fits
 from clp_fast.model import NativeBackbone
 from clp_fast.sampling import walk_tree
+from clp_fast.tree import FED_TOKEN_COST, _topm_tree
 
 __all__ = ["PROCESSED_MODES", "generate_processed", "sampling_processors"]
 
@@ -195,6 +198,7 @@ def generate_processed(
     _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, "clp", threshold, prompt_lookup,
                   max_step_tokens)
     streaming.check_streamer(streamer, input_ids.shape[0])
+    calib, top_m = _tree_setup(heads, mode, None)  # top-m trees where the heads carry a tree calibration
     procs, criteria = list(logits_processor or []), list(stopping_criteria or [])
 
     dev = input_ids.device
@@ -236,7 +240,7 @@ def generate_processed(
         cache.lengths += prompt_len
         last = hidden[rows, prompt_len - 1]  # [B, H]
         first = _process(procs, seq, seq_len, rows, lm_head(last).float())
-        step = _next_step(bb, heads, last, _pick(first, do_sample, generator), mode, threshold)
+        step = _next_step(bb, heads, last, _pick(first, do_sample, generator), mode, threshold, top_m)
 
         while not bool(done.all()):
             remaining = max_new_tokens - produced
@@ -255,7 +259,11 @@ def generate_processed(
                 max_guesses = (remaining - 1).clamp(min=0)
                 if max_step_tokens:
                     max_guesses = max_guesses.clamp(max=max(1, max_step_tokens // int(active.sum()) - 1))
-                tree = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev)
+                if top_m > 1:
+                    tree = _topm_tree(step, contexts, prompt_lookup, max_guesses.clamp(max=TREE_MAX_GUESSES), active,
+                                      calib, FED_TOKEN_COST, dev)
+                else:
+                    tree = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev)
             else:
                 tree = _chain_tree(step, torch.zeros_like(produced), active, dev)
             hidden, new_k, new_v = bb.forward(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
@@ -277,7 +285,7 @@ def generate_processed(
             cache.lengths += cnt
             _commit_tokens(out, produced, seq_len, path, cnt, streamer)
             done |= (stopped & active) | (produced >= max_new_tokens)
-            step = _next_step(bb, heads, hidden[rows, best], nxt, mode, threshold)
+            step = _next_step(bb, heads, hidden[rows, best], nxt, mode, threshold, top_m)
             if prompt_lookup:
                 for b, c in enumerate(cnt.tolist()):
                     contexts[b] += path[b, :c].tolist()
@@ -293,13 +301,14 @@ def generate_processed(
 
 
 def _next_step(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, pending: torch.Tensor, mode: str,
-               threshold: float) -> _Step:
-    """The chosen next tokens ``pending [B]`` and the heads' guesses from ``hidden [B, H]`` (none in greedy)."""
+               threshold: float, top_m: int = 1) -> _Step:
+    """The chosen next tokens ``pending [B]`` and the heads' guesses from ``hidden [B, H]`` (none in greedy);
+    with ``top_m > 1`` also each head's top-m candidates for a top-m tree."""
     if heads is None:
         empty = pending.new_zeros((pending.shape[0], 0))
         return _Step(pending, empty, torch.zeros_like(pending))
-    ids, _, n = _draft(bb, heads, hidden, mode, "clp", threshold)
-    return _Step(pending, ids[:, 1:], n)
+    ids, _, n, *top = _draft(bb, heads, hidden, mode, "clp", threshold, top_m)
+    return _Step(pending, ids[:, 1:], n, *top)
 
 
 def _commit_tokens(out, produced, seq_len, fed, cnt, streamer) -> None:

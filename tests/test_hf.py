@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from transformers import RepetitionPenaltyLogitsProcessor
 
 import clp_fast
 from clp_fast import hf
@@ -111,6 +112,24 @@ def test_processors_and_eos_equal_transformers(tiny, settings, path):
     else:
         got = model.generate(ids, custom_generate=hf.generate, heads=heads, **kw)
     assert_equal_ids(got, want)
+
+
+def test_top_m_tree_heads_with_processors_equal_transformers(tiny):
+    """Heads with a tree calibration draft top-3 trees (several children per node): greedy through the
+    processors still equals transformers."""
+    from tests.test_tree import CAL
+
+    model, _ = tiny
+    heads = random_heads(model, k=3)
+    heads.extra_config["tree"] = CAL.to_dict()
+    ids, mask = batch([0, 1, 2, 3])
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, repetition_penalty=1.3)
+    want = model.generate(ids, **kw)
+    got, stats = clp_fast.generate_processed(model, ids, heads, attention_mask=mask, max_new_tokens=16, pad_token_id=0,
+                                             eos_token_id=[], logits_processor=[RepetitionPenaltyLogitsProcessor(
+                                                 1.3, prompt_ignore_length=(mask == 0).sum(-1))], return_stats=True)
+    assert_equal_ids(got, want)
+    assert stats.drafted > 0
 
 
 def test_max_length_and_budget_agree(tiny):

@@ -16,6 +16,7 @@ from clp_fast import sampling
 from clp_fast.processed import generate_processed
 from tests.conftest import tiny_model
 from tests.test_decode import random_heads
+from tests.test_tree import CAL as TREE_CAL
 
 ALPHA = 1e-3  # seeded, so deterministic; a correct rule gives p ~ U(0, 1), a wrong one p < 1e-20 here
 
@@ -130,12 +131,16 @@ PROMPT = [3, 1, 4, 1, 5, 2, 6]
 N_SAMPLES = 20_000
 
 
-@pytest.fixture(scope="module")
-def small_vocab():
+@pytest.fixture(scope="module", params=["chain+lookup", "top-3 tree"])
+def small_vocab(request):
+    """The tiny 8-token model and heads drafting either a chain plus lookup branches or (with a tree
+    calibration) top-3 trees, whose nodes have several children: rejections then renormalise."""
     model = tiny_model("qwen2", vocab_size=SMALL_V)
     # zero-initialised heads guess the backbone's own argmax for every depth: on this model that gives
     # accepted chains of both depths and many rejections (random heads' depth-2 guesses were never accepted)
     heads = random_heads(model, k=2, std=0.0)
+    if request.param == "top-3 tree":
+        heads.extra_config["tree"] = TREE_CAL.to_dict()
     return model, heads
 
 
