@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="sandbox wall-clock seconds per program")
     p.add_argument("--memory-mb", type=int, default=1024, help="sandbox address-space limit per program")
     p.add_argument("--workers", type=int, default=2, help="sandboxed programs run at once")
-    p.add_argument("--cache", help="JSON-lines completion cache (default: <out-dir>/quality-cache/<model>.jsonl)")
+    p.add_argument("--cache", help="JSON-lines completion cache (default: $CLP_FAST_HOME/quality-cache/<run>.jsonl)")
     p.add_argument("--write-threshold", metavar="HEADS_DIR", help="record the chosen CLP threshold in HEADS_DIR")
     p.add_argument("--allow-provisional", action="store_true", help="--write-threshold without --full")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     from clp_fast.data import humaneval_problems
-    from clp_fast.hub import load_model
+    from clp_fast.hub import clp_home, load_model
 
     problems = humaneval_problems() if args.full else humaneval_problems(args.n, args.seed)
     model, tok = load_model(args.model, dtype=args.dtype)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = quality_methods(heads, [t for t in args.thresholds.split(",") if t.strip()],
                               [t for t in args.gate_thresholds.split(",") if t.strip()])
     run_id = _run_id(args, heads)
-    cache_path = Path(args.cache) if args.cache else Path(args.out_dir) / "quality-cache" / (
+    cache_path = Path(args.cache) if args.cache else clp_home() / "quality-cache" / (
         f"{Path(args.model).name}-{args.dtype}-{run_id}.jsonl")
     log(f"{args.model} {args.dtype}, {len(problems)} problems, methods {[m['name'] for m in methods]}, "
         f"cache {cache_path}")
