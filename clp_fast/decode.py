@@ -234,7 +234,8 @@ def _tree_setup(heads: MTPHeads | None, mode: str, tree_top_m: int | None) -> tu
     """The tree calibration and candidates per head for this call: ``(None, 1)`` outside tree mode."""
     calib = heads.tree_calibration if heads is not None else None
     if tree_top_m is None:
-        return (calib, calib.top_m) if (calib is not None and mode == "lossless") else (None, 1)
+        use = calib is not None and calib.default and mode == "lossless"
+        return (calib, calib.top_m) if use else (None, 1)
     if isinstance(tree_top_m, bool) or not isinstance(tree_top_m, int) or not 1 <= tree_top_m <= 8:
         raise ValueError(f"tree_top_m={tree_top_m!r} must be an int in [1, 8] or None")
     if tree_top_m > 1 and mode != "lossless":
@@ -315,7 +316,8 @@ def generate(
             one larger than the memory available on the device is always refused, before it is allocated.
         tree_top_m: lossless mode: draft trees over each head's ``tree_top_m`` best candidates, nodes chosen
             by calibrated expected acceptance (:mod:`clp_fast.tree`; needs heads with a tree calibration);
-            1 = the heads' argmax chain beside the lookup branch; None → the heads' calibrated m, else 1.
+            1 = the heads' argmax chain beside the lookup branch; None → the heads' calibrated m where their
+            calibration makes trees the default (measured per head set), else 1.
         streamer: batch 1 only: ``put(prompt)``, one ``put`` per step with the kept tokens, ``end()``
             (transformers' protocol; see :mod:`clp_fast.streaming`).
 

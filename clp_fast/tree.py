@@ -43,12 +43,15 @@ class TreeCalibration:
     ``edges`` are increasing bin edges over [0, 1]; ``rates[j][b]`` is the fraction of held-out
     candidates of head ``j + 1`` with probability in bin ``b`` that were the greedy token.
     ``lookup`` is the acceptance rate of a prompt-lookup guess per depth (its last entry repeats).
+    ``default``: whether lossless decoding uses the trees when the caller does not say (``tree_top_m=None``);
+    set from a measurement (``bench/bench_tree.py``), since on a compute-bound CPU the argmax chain can win.
     """
 
     edges: tuple[float, ...]
     rates: tuple[tuple[float, ...], ...]
     lookup: tuple[float, ...] = (0.6, 0.75, 0.8)
     top_m: int = 4
+    default: bool = True
 
     def __post_init__(self):
         if len(self.edges) < 2 or list(self.edges) != sorted(self.edges):
@@ -71,13 +74,13 @@ class TreeCalibration:
 
     def to_dict(self) -> dict:
         return {"edges": list(self.edges), "rates": [list(r) for r in self.rates], "lookup": list(self.lookup),
-                "top_m": self.top_m}
+                "top_m": self.top_m, "default": self.default}
 
     @classmethod
     def from_dict(cls, d: dict) -> TreeCalibration:
         try:
             return cls(tuple(d["edges"]), tuple(tuple(r) for r in d["rates"]), tuple(d.get("lookup", cls.lookup)),
-                       int(d.get("top_m", 4)))
+                       int(d.get("top_m", 4)), bool(d.get("default", True)))
         except (KeyError, TypeError) as err:
             raise ValueError(f"malformed tree calibration {d!r}: {err}") from None
 

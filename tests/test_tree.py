@@ -114,6 +114,10 @@ def test_engine_accepts_second_candidates_and_stays_exact(monkeypatch):
     assert sum(st_chain.accept_hist[1:]) == 0, st_chain.accept_hist
     assert sum(st_tree.accept_hist[2:]) > 0, st_tree.accept_hist  # depth >= 2 reached through rank-2 nodes
     assert st_tree.forward_passes < st_chain.forward_passes
+    # a calibration that does not make trees the default (as measured for the shipped Qwen heads): the chain
+    heads.extra_config["tree"] = {**CAL.to_dict(), "default": False}
+    _, st_default = clp_fast.generate(model, ids, heads, **kw)
+    assert st_default.accept_hist == st_chain.accept_hist
 
 
 @pytest.mark.parametrize("kw,match", [(dict(tree_top_m=0), "tree_top_m=0"), (dict(tree_top_m=9), "tree_top_m=9"),
