@@ -426,7 +426,8 @@ def generate(
             # Verifying needs every fed node's backbone row; the next step's guesses only the accepted node's
             # head rows. A fused one-read-of-W pass (Triton) gets all rows at once; where logit rows cost compute
             # (the CPU reference), the heads run on the accepted nodes alone, and so do top-m lists in tree mode.
-            split = heads is not None and mode == "lossless" and (top_m > 1 or backend.backend_for(hidden.device) != "triton")
+            fused_pass = backend.backend_for(hidden.device) == "triton"
+            split = heads is not None and mode == "lossless" and (top_m > 1 or not fused_pass)
             ids, n_next = _draft_fed(bb, None if split else heads, hidden, tree.n_fed, mode, policy, threshold)
             best = _verify(ids, tree, mode)  # [B] deepest accepted node
             if split:
