@@ -230,6 +230,28 @@ def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, m
         raise ValueError(f"clp_threshold={threshold!r} must be a probability in [0, 1]")
 
 
+def _start(model, bb: NativeBackbone, input_ids, attention_mask, max_new_tokens: int, width: int, eos_token_id,
+           pad_token_id, max_cache_bytes):
+    """What every decode loop needs before its prefill: the unpadded prompts ``[B, P]`` (row b's real tokens
+    left-aligned, so cache slot == position), their lengths ``[B]``, the EOS ids, the pad id (the generation
+    config's, else EOS, else 0) and a static cache for ``prompt + max_new_tokens + width + 1`` positions,
+    checked against the model's context and the memory available first."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    prompt_len = mask.sum(-1)  # [B]
+    if bb.max_positions is not None and int(prompt_len.max()) + max_new_tokens > bb.max_positions:
+        raise ValueError(f"prompt length {int(prompt_len.max())} + max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's context of {bb.max_positions} positions")
+    eos = _eos_tensor(model, eos_token_id, input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    order = torch.sort(mask, dim=-1, descending=True, stable=True).indices  # real tokens first, order kept
+    prompts = torch.gather(input_ids, 1, order)  # [B, P]
+    max_len = int(prompt_len.max()) + max_new_tokens + width + 1
+    check_cache_fits(bb, input_ids.shape[0], max_len, max_cache_bytes)  # a named error, not the OOM killer
+    return prompts, prompt_len, eos, pad_token_id, bb.allocate_cache(input_ids.shape[0], max_len)
+
+
 def _tree_setup(heads: MTPHeads | None, mode: str, tree_top_m: int | None) -> tuple[TreeCalibration | None, int]:
     """The tree calibration and candidates per head for this call: ``(None, 1)`` outside tree mode."""
     calib = heads.tree_calibration if heads is not None else None
@@ -350,24 +372,10 @@ def generate(
 
     dev = input_ids.device
     B, P = input_ids.shape
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    prompt_len = mask.sum(-1)  # [B]
     k = heads.k if (heads is not None and mode != "greedy") else 0
     width = max(k, prompt_lookup)  # the most guesses one row can feed in a step
-    max_len = int(prompt_len.max()) + max_new_tokens + width + 1
-    if bb.max_positions is not None and int(prompt_len.max()) + max_new_tokens > bb.max_positions:
-        raise ValueError(f"prompt length {int(prompt_len.max())} + max_new_tokens {max_new_tokens} exceeds the "
-                         f"model's context of {bb.max_positions} positions")
-    eos = _eos_tensor(model, eos_token_id, dev)
-    if pad_token_id is None:
-        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-        pad_token_id = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
-
-    # Unpad: row b's real tokens, left-aligned, so cache slot == position.
-    order = torch.sort(mask, dim=-1, descending=True, stable=True).indices  # real tokens first, order kept
-    prompts = torch.gather(input_ids, 1, order)  # [B, P]
-    check_cache_fits(bb, B, max_len, max_cache_bytes)  # a named error now, rather than the OS's OOM killer later
-    cache = bb.allocate_cache(B, max_len)
+    prompts, prompt_len, eos, pad_token_id, cache = _start(model, bb, input_ids, attention_mask, max_new_tokens,
+                                                           width, eos_token_id, pad_token_id, max_cache_bytes)
     stats = DecodeStats(mode=mode, accept_hist=[0] * (width + 1))
 
     streaming.put_prompt(streamer, input_ids)

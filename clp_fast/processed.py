@@ -29,13 +29,12 @@ from clp_fast.decode import (
     _check_inputs,
     _count_accepts,
     _draft,
-    _eos_tensor,
     _lossless_tree,
+    _start,
     _Step,
     _tree_setup,
 )
 from clp_fast.heads import MTPHeads
-from clp_fast.memory import check_cache_fits
 from clp_fast.model import NativeBackbone
 from clp_fast.sampling import walk_tree
 from clp_fast.tree import FED_TOKEN_COST, _topm_tree
@@ -211,23 +210,10 @@ def generate_processed(
 
     dev = input_ids.device
     B, P = input_ids.shape
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    prompt_len = mask.sum(-1)  # [B]
     width = max(heads.k if heads is not None else 0, prompt_lookup)
-    if bb.max_positions is not None and int(prompt_len.max()) + max_new_tokens > bb.max_positions:
-        raise ValueError(f"prompt length {int(prompt_len.max())} + max_new_tokens {max_new_tokens} exceeds the "
-                         f"model's context of {bb.max_positions} positions")
-    eos = _eos_tensor(model, eos_token_id, dev)
-    if pad_token_id is None:
-        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-        pad_token_id = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    prompts, prompt_len, eos, pad_token_id, cache = _start(model, bb, input_ids, attention_mask, max_new_tokens,
+                                                           width, eos_token_id, pad_token_id, None)
     lm_head = model.get_output_embeddings()
-
-    order = torch.sort(mask, dim=-1, descending=True, stable=True).indices
-    prompts = torch.gather(input_ids, 1, order)  # [B, P] real tokens first
-    max_len = int(prompt_len.max()) + max_new_tokens + width + 1
-    check_cache_fits(bb, B, max_len, None)
-    cache = bb.allocate_cache(B, max_len)
     # seq: what transformers' processors and criteria would see: the padded prompt row, then the new tokens.
     seq = torch.full((B, P + max_new_tokens + width + 2), pad_token_id, dtype=torch.long, device=dev)
     seq[:, :P] = input_ids
