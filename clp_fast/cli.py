@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from clp_fast.decode import MAX_STEP_TOKENS, MODES, POLICIES
+from clp_fast.decode import MAX_STEP_TOKENS, MODES, POLICIES, SPECULATION
 from clp_fast.processed import sampling_processors
 
 
@@ -123,8 +123,11 @@ def cmd_generate(args) -> int:
         chunk = prompts[start:start + args.batch_size]
         ids, mask = clp_fast.left_pad([tok(p)["input_ids"] for p in chunk], pad)
         P = ids.shape[1]
+        cap = args.max_step_tokens
+        if cap is None and (args.speculation == "fixed" or args.do_sample):
+            cap = MAX_STEP_TOKENS
         common = dict(attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens, mode=args.mode,
-                      prompt_lookup=args.prompt_lookup, max_step_tokens=args.max_step_tokens, pad_token_id=pad,
+                      prompt_lookup=args.prompt_lookup, max_step_tokens=cap, pad_token_id=pad,
                       return_stats=True, streamer=_text_streamer(tok, chunk[0]) if args.stream else None)
         if args.do_sample:
             out, stats = clp_fast.generate_processed(
@@ -132,7 +135,7 @@ def cmd_generate(args) -> int:
                 logits_processor=sampling_processors(args.temperature, args.top_k, args.top_p), **common)
         else:
             out, stats = clp_fast.generate(model, ids.to(args.device), heads, clp_threshold=args.threshold,
-                                           policy=args.policy, **common)
+                                           policy=args.policy, speculation=args.speculation, **common)
         all_stats.append(stats.to_dict())
         for i, p in enumerate(chunk):
             new = out[i, P:P + stats.new_tokens[i]].tolist()
@@ -188,9 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, help="CLP acceptance probability (default: the heads' own)")
     g.add_argument("--prompt-lookup", type=int,
                    help="lossless: guesses copied from the context (default max(k, 6); 0 off)")
-    g.add_argument("--max-step-tokens", type=int, default=MAX_STEP_TOKENS,
-                   help="lossless: cap on tokens one forward feeds over the batch, at least one guess per row "
-                        "(default %(default)s; 0 off)")
+    g.add_argument("--speculation", choices=SPECULATION, default="adaptive",
+                   help="lossless: 'adaptive' feeds the guesses that pay for their measured cost on this machine, "
+                        "'fixed' every guess up to --max-step-tokens (default %(default)s)")
+    g.add_argument("--max-step-tokens", type=int, default=None,
+                   help="lossless: cap on tokens one forward feeds over the batch (fixed speculation: at least "
+                        f"one guess per row; default: none adaptive, {MAX_STEP_TOKENS} fixed and with sampling; 0 off)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     g.add_argument("--device", default="cpu")

@@ -22,14 +22,27 @@ from dataclasses import dataclass, field
 import torch
 
 from clp_fast import backend, streaming
+from clp_fast.cost import StepCost, step_cost
 from clp_fast.heads import MTPHeads
 from clp_fast.memory import check_cache_fits
 from clp_fast.model import NativeBackbone, StaticKVCache
-from clp_fast.tree import FED_TOKEN_COST, TreeCalibration, _chain_tree, _lossless_tree, _topm_tree, _Tree  # noqa: F401
+from clp_fast.speculation import RowAcceptance, select_nodes
+from clp_fast.tree import (  # noqa: F401
+    FED_TOKEN_COST,
+    TreeCalibration,
+    _chain_tree,
+    _lossless_tree,
+    _make_tree,
+    _topm_tree,
+    _Tree,
+)
 
-__all__ = ["MODES", "DecodeStats", "generate", "left_pad"]
+__all__ = ["MODES", "SPECULATION", "DecodeStats", "generate", "left_pad"]
 
 MODES = ("greedy", "lossless", "clp")
+# Lossless mode: "adaptive" feeds, each step, the guesses whose expected return beats their measured cost
+# (clp_fast.speculation, clp_fast.cost); "fixed" feeds every drafted guess up to max_step_tokens.
+SPECULATION = ("adaptive", "fixed")
 # Default prompt-lookup width in lossless mode. Qwen2.5-Coder-0.5B, 4 HumanEval prompts x 128 tokens, bf16,
 # 2 threads: k = 2 heads with lookup width 2 -> tau 1.51, 1.39x our greedy; width 6 -> tau 1.68, 1.43x;
 # width 10 gains ~0.03 tau more while every extra fed token costs ~1.5 % of a step.
@@ -63,7 +76,9 @@ class DecodeStats:
     row_forwards: list[int] = field(default_factory=list)
     accept_hist: list[int] = field(default_factory=list)  # accept_hist[m]: steps where a row took m guesses
     drafted: int = 0  # guesses sent to verification (lossless) or taken (clp)
+    fed_tokens: int = 0  # tokens fed by the decode steps (prefill excluded), over all rows
     wall_time_s: float = 0.0
+    cost_model: dict | None = None  # adaptive speculation: the step-cost points used (after this call's updates)
 
     @property
     def tau(self) -> float:
@@ -78,6 +93,7 @@ class DecodeStats:
             "tau": self.tau,
             "accept_hist": self.accept_hist,
             "drafted": self.drafted,
+            "fed_tokens": self.fed_tokens,
             "wall_time_s": self.wall_time_s,
             "tokens_per_s": sum(self.new_tokens) / self.wall_time_s if self.wall_time_s > 0 else 0.0,
         }
@@ -92,17 +108,24 @@ class _Step:
     n_drafts: torch.Tensor  # [B] how many of them the policy takes
     top_ids: torch.Tensor | None = None  # [B, k, m] each head's m best candidates (tree mode)
     top_p: torch.Tensor | None = None  # [B, k, m] their probabilities
+    conf: torch.Tensor | None = None  # [B, k] the heads' confidences (adaptive speculation's priors)
 
 
 # ------------------------------------------------------------------------------------------ steps
 def _draft(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, mode: str, policy: str,
-           threshold: float, top_m: int = 1) -> tuple[torch.Tensor, ...]:
+           threshold: float, top_m: int = 1, backbone: tuple[torch.Tensor, torch.Tensor] | None = None
+           ) -> tuple[torch.Tensor, ...]:
     """Fused heads over ``hidden [R, H]`` → ids ``[R, k + 1]``, conf ``[R, k + 1]``, n ``[R]``; with
     ``top_m > 1`` also each head's top-m ids and probabilities ``[R, k, m]``.
 
     Column 0 of ids is the backbone's next token; n is the number of head guesses the policy
-    takes (0 in greedy mode).
+    takes (0 in greedy mode). ``backbone = (ids [R], conf [R])``: that column is already known (computed
+    when the rows were verified), so only the head rows are computed (:meth:`MTPHeads.head_rows`).
     """
+    if backbone is not None and heads is not None and mode != "greedy":
+        ids_h, conf_h, n, *top = heads.head_rows(hidden, bb.lm_head_weight, threshold,
+                                                 policy=policy if policy in ("clp", "gate") else None, top_m=top_m)
+        return (torch.cat([backbone[0][:, None], ids_h], 1), torch.cat([backbone[1][:, None], conf_h], 1), n, *top)
     if heads is None or mode == "greedy":
         ids, conf, _ = backend.fused_heads(hidden, bb.no_heads[0], bb.no_heads[1], bb.lm_head_weight)
         return ids, conf, torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
@@ -114,24 +137,25 @@ def _draft(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, mod
 
 
 def _draft_fed(bb: NativeBackbone, heads: MTPHeads | None, hidden: torch.Tensor, n_fed: torch.Tensor, mode: str,
-               policy: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+               policy: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_draft` after a step that fed ``n_fed[b]`` real tokens to row ``b`` (``hidden [B, T, H]``).
 
     Only real positions go through the LM head: in a ragged batch a row fed fewer tokens than the
     longest (or none, once finished) would otherwise pay ``k + 1`` logit rows per padding slot. Returns
-    ids ``[B, T, k + 1]`` and accept lengths ``[B, T]``; padding positions hold 0 (never read: a row
+    ids and confidences ``[B, T, k + 1]`` and accept lengths ``[B, T]``; padding positions hold 0 (never read: a row
     accepts at most ``n_fed[b] - 1`` guesses and drafts from the position after its last accepted one).
     """
     B, T, H = hidden.shape
     real = torch.arange(T, device=hidden.device)[None] < n_fed[:, None]  # [B, T]
     if bool(real.all()):
-        ids, _, n = _draft(bb, heads, hidden.reshape(B * T, H), mode, policy, threshold)
-        return ids.view(B, T, -1), n.view(B, T)
-    ids_r, _, n_r = _draft(bb, heads, hidden[real], mode, policy, threshold)
+        ids, conf, n = _draft(bb, heads, hidden.reshape(B * T, H), mode, policy, threshold)
+        return ids.view(B, T, -1), conf.view(B, T, -1), n.view(B, T)
+    ids_r, conf_r, n_r = _draft(bb, heads, hidden[real], mode, policy, threshold)
     ids = ids_r.new_zeros((B, T, ids_r.shape[1]))
+    conf = conf_r.new_zeros((B, T, conf_r.shape[1]))
     n = n_r.new_zeros((B, T))
-    ids[real], n[real] = ids_r, n_r
-    return ids, n
+    ids[real], conf[real], n[real] = ids_r, conf_r, n_r
+    return ids, conf, n
 
 
 def _prefill(bb: NativeBackbone, cache: StaticKVCache, prompts: torch.Tensor, prompt_len: torch.Tensor,
@@ -142,8 +166,8 @@ def _prefill(bb: NativeBackbone, cache: StaticKVCache, prompts: torch.Tensor, pr
     backend.commit_kv_span_(cache.k, cache.v, new_k, new_v, cache.lengths, prompt_len)
     cache.lengths += prompt_len
     last = hidden[torch.arange(prompts.shape[0], device=prompts.device), prompt_len - 1]  # [B, H]
-    ids, _, n, *top = _draft(bb, heads, last, mode, policy, threshold, top_m)
-    return _Step(ids[:, 0], ids[:, 1:], n, *top)
+    ids, conf, n, *top = _draft(bb, heads, last, mode, policy, threshold, top_m)
+    return _Step(ids[:, 0], ids[:, 1:], n, *top, conf=conf[:, 1:])
 
 
 def _verify(ids: torch.Tensor, tree: _Tree, mode: str) -> torch.Tensor:
@@ -306,11 +330,13 @@ def generate(
     clp_threshold: float | None = None,
     policy: str = "clp",
     prompt_lookup: int | None = None,
-    max_step_tokens: int | None = MAX_STEP_TOKENS,
+    max_step_tokens: int | None = None,
     return_stats: bool = False,
     max_cache_bytes: int | None = None,
     streamer=None,
     tree_top_m: int | None = None,
+    speculation: str = "adaptive",
+    cost_model: StepCost | None = None,
 ):
     """Decode ``max_new_tokens`` tokens for each row of a (left-padded) batch.
 
@@ -329,10 +355,17 @@ def generate(
         prompt_lookup: lossless mode only: up to this many guesses copied from the context where
             its last tokens occurred before (:mod:`clp_fast.lookup`), offered beside the heads'
             guesses; 0 disables; None → ``max(k, LOOKUP_WIDTH)`` in lossless mode, else 0.
-        max_step_tokens: lossless mode: cap on the tokens one forward feeds over all unfinished rows:
-            each row gets ``max(1, max_step_tokens // rows - 1)`` guesses at most (one guess per row
-            always pays on the 2-core CPU, more stop paying as the batch grows; see
-            :data:`MAX_STEP_TOKENS`); None or 0 = no cap. Only speed changes, never the output.
+        max_step_tokens: lossless mode: cap on the tokens one forward feeds over all unfinished rows; None or
+            0 = no cap. With ``speculation="fixed"`` each row gets ``max(1, max_step_tokens // rows - 1)``
+            guesses at most (:data:`MAX_STEP_TOKENS` is the measured choice for the 2-core CPU); with
+            ``"adaptive"`` it bounds what the cost model may choose. Only speed changes, never the output.
+        speculation: lossless mode: ``"adaptive"`` (default) feeds each step the guesses, over all rows, that
+            raise the batch's expected tokens per second given the measured cost of a forward here
+            (:mod:`clp_fast.speculation`): a compute-bound batch falls back to one token per row and speculates
+            again as rows finish; ``"fixed"`` feeds every guess the CLP takes, up to ``max_step_tokens``.
+        cost_model: adaptive speculation's forward cost (:class:`clp_fast.cost.StepCost`); None → measured
+            once per model on this machine (a few forwards, cached in the process and on disk) and refined
+            from this call's own steps.
         return_stats: also return a :class:`DecodeStats`.
         max_cache_bytes: refuse (:class:`clp_fast.memory.CacheTooLargeError`) a static KV cache larger than this;
             one larger than the memory available on the device is always refused, before it is allocated.
@@ -367,6 +400,10 @@ def generate(
         prompt_lookup = max(heads.k, LOOKUP_WIDTH) if (mode == "lossless" and heads is not None) else 0
     _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold, prompt_lookup,
                   max_step_tokens)
+    if speculation not in SPECULATION:
+        raise ValueError(f"speculation={speculation!r} is not one of {SPECULATION}")
+    if cost_model is not None and not isinstance(cost_model, StepCost):
+        raise TypeError(f"cost_model must be a clp_fast.cost.StepCost or None, got {type(cost_model).__name__}")
     streaming.check_streamer(streamer, input_ids.shape[0])
     calib, top_m = _tree_setup(heads, mode, tree_top_m)
 
@@ -378,6 +415,11 @@ def generate(
                                                            width, eos_token_id, pad_token_id, max_cache_bytes)
     stats = DecodeStats(mode=mode, accept_hist=[0] * (width + 1))
 
+    adaptive = mode == "lossless" and speculation == "adaptive" and top_m == 1
+    if adaptive:
+        cost = cost_model if cost_model is not None else step_cost(bb)
+        spec_calib = heads.tree_calibration or TreeCalibration.uncalibrated(heads.k)
+        acceptance = RowAcceptance(B)
     streaming.put_prompt(streamer, input_ids)
     step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold, top_m)
     contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
@@ -414,17 +456,23 @@ def generate(
         active = ~done
         if mode == "lossless":
             max_guesses = (remaining - 1).clamp(min=0)
-            if max_step_tokens:  # fewer guesses keep the output; in clp mode they would change it
+            if max_step_tokens and not adaptive:  # fewer guesses keep the output; in clp mode they would change it
                 max_guesses = max_guesses.clamp(max=max(1, max_step_tokens // int(active.sum()) - 1))
-            if top_m > 1:
+            if adaptive:
+                tries = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev, spec_calib,
+                                       all_heads=True)
+                tree = _make_tree(select_nodes(tries, acceptance.factors(), cost, max_step_tokens or None)[0], dev)
+            elif top_m > 1:
                 tree = _topm_tree(step, contexts, prompt_lookup, max_guesses.clamp(max=TREE_MAX_GUESSES), active,
                                   calib, FED_TOKEN_COST, dev)
             else:
                 tree = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev)
         else:
             tree = _chain_tree(step, n_known, active, dev)
+        t_fwd = time.perf_counter()
         hidden, new_k, new_v = bb.forward(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
         stats.forward_passes += 1
+        stats.fed_tokens += int(tree.n_fed.sum())
         row_forwards += active.long()
         if mode == "clp":  # the whole chain is taken: only its last node's logit rows are needed
             best = (tree.n_fed - 1).clamp(min=0)
@@ -436,18 +484,26 @@ def generate(
             # (the CPU reference), the heads run on the accepted nodes alone, and so do top-m lists in tree mode.
             fused_pass = backend.backend_for(hidden.device) == "triton"
             split = heads is not None and mode == "lossless" and (top_m > 1 or not fused_pass)
-            ids, n_next = _draft_fed(bb, None if split else heads, hidden, tree.n_fed, mode, policy, threshold)
+            ids, conf, n_next = _draft_fed(bb, None if split else heads, hidden, tree.n_fed, mode, policy, threshold)
+            if adaptive and dev.type == "cpu":  # the forward and its logit rows, as the cost model measured them
+                cost.observe(int(tree.n_fed.sum()), time.perf_counter() - t_fwd)
             best = _verify(ids, tree, mode)  # [B] deepest accepted node
-            if split:
-                ids_b, _, n_b, *top = _draft(bb, heads, hidden[rows, best], mode, policy, threshold, top_m)
-                next_step = _Step(ids[rows, best, 0], ids_b[:, 1:], n_b, *top)
+            if split:  # the accepted node's backbone row is known: only its head rows are new
+                ids_b, conf_b, n_b, *top = _draft(bb, heads, hidden[rows, best], mode, policy, threshold, top_m,
+                                                  backbone=(ids[rows, best, 0], conf[rows, best, 0]))
+                next_step = _Step(ids_b[:, 0], ids_b[:, 1:], n_b, *top, conf=conf_b[:, 1:])
             else:
-                next_step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best])
+                next_step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best],
+                                  conf=conf[rows, best, 1:])
         m = tree.depth[rows, best]  # guesses accepted
         stats.drafted += int((tree.n_fed - 1).clamp(min=0).sum())
         _count_accepts(stats, torch.where(active, m, -1))
         # The accepted path's nodes first, root to leaf (parents precede children in index order).
         on_path = tree.anc[rows, best]  # [B, T]
+        if adaptive:
+            node = torch.arange(tree.tokens.shape[1], device=dev)[None]
+            fed = (node < tree.n_fed[:, None]) & (node > 0)
+            acceptance.update(tree.prior, tree.src, on_path.gather(1, tree.parent) & fed, on_path & fed, active)
         order = torch.sort((~on_path).to(torch.uint8), dim=1, stable=True).indices
         path = tree.tokens.gather(1, order)
         cnt, hit_eos = _emit(path, torch.where(active, 1 + m, 0), remaining, eos)
@@ -468,6 +524,8 @@ def generate(
     result = torch.cat([input_ids.long(), out[:, :gen]], dim=1)
     stats.new_tokens = produced.tolist()
     stats.row_forwards = row_forwards.tolist()
+    if adaptive:
+        stats.cost_model = cost.to_dict()
     stats.wall_time_s = time.perf_counter() - t0
     return (result, stats) if return_stats else result
 

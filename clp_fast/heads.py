@@ -165,6 +165,21 @@ class MTPHeads(nn.Module):
             0.5 if threshold is None else threshold, draft_vocab=self.draft_vocab, top_m=top_m,
         )
 
+    def head_rows(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float | None = None, *,
+                  policy: str | None = "clp", top_m: int = 1):
+        """The heads' part of :meth:`fused` for a caller that has the backbone row: ids ``[R, k]``, conf
+        ``[R, k]``, accept ``[R]`` (policy ``"clp"``, ``"gate"``, or None: all k), and with ``top_m > 1``
+        top ids / probabilities ``[R, k, m]`` (:func:`clp_fast.reference.head_rows`)."""
+        ids, conf, *top = reference.head_rows(hidden, self.weight, self.bias, lm_head_weight, self.draft_vocab, top_m)
+        t = 0.5 if threshold is None else threshold
+        if policy == "clp":
+            n = self.clp.accept_lengths(hidden, conf, t)
+        elif policy == "gate":
+            n = self.gate.accept_lengths(hidden, conf, t)
+        else:
+            n = torch.full((hidden.shape[0],), self.k, dtype=torch.long, device=hidden.device)
+        return (ids, conf, n, *top)
+
     @property
     def tree_calibration(self):
         """The shipped :class:`clp_fast.tree.TreeCalibration` (config ``extra.tree``), or None."""

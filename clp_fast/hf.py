@@ -139,7 +139,7 @@ def _engine_handles(criteria, gc, eos: list[int] | None) -> bool:
 
 def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None, generation_config=None,
              heads: MTPHeads | None = None, mode: str = "lossless", prompt_lookup: int | None = None,
-             max_step_tokens: int | None = MAX_STEP_TOKENS, clp_streamer=None, **model_kwargs):
+             max_step_tokens: int | None = None, speculation: str = "adaptive", clp_streamer=None, **model_kwargs):
     """A ``custom_generate`` callable: ``model.generate(ids, custom_generate=clp_fast.hf.generate, heads=...,
     mode=..., max_new_tokens=..., do_sample=..., ...)``.
 
@@ -147,8 +147,10 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
         model: the Qwen2 / Llama causal LM ``generate`` was called on.
         input_ids: ``[B, P]`` prompt ids, left-padded (transformers' prepared ``input_ids``).
         logits_processor, stopping_criteria, generation_config: as prepared by transformers' ``generate``.
-        heads, mode, prompt_lookup, max_step_tokens: as in :func:`clp_fast.generate` (``mode="clp"`` only
-            without sampling, logits processors and stopping criteria beyond the budget and EOS).
+        heads, mode, prompt_lookup, max_step_tokens, speculation: as in :func:`clp_fast.generate` (``mode="clp"``
+            only without sampling, logits processors and stopping criteria beyond the budget and EOS; the
+            processed path -- sampling, processors -- speculates with the fixed policy, capped at
+            ``MAX_STEP_TOKENS`` unless ``max_step_tokens`` says otherwise).
         clp_streamer: the streamer when called through :func:`patch` (transformers does not hand
             ``streamer=`` to custom callables; a streamer given to a plain ``model.generate`` call is read
             from its frame).
@@ -181,12 +183,14 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
     pad = pad[0] if pad else (eos[0] if eos else 0)
     common = dict(attention_mask=model_kwargs.get("attention_mask"), max_new_tokens=max_new_tokens, mode=mode,
                   eos_token_id=eos or [], pad_token_id=pad, prompt_lookup=prompt_lookup,
-                  max_step_tokens=max_step_tokens, streamer=streamer)
+                  streamer=streamer)
     if not gc.do_sample and not procs and _engine_handles(criteria, gc, eos):
-        out = decode.generate(model, input_ids, heads, **common)
+        out = decode.generate(model, input_ids, heads, max_step_tokens=max_step_tokens, speculation=speculation,
+                              **common)
     else:
+        cap = MAX_STEP_TOKENS if max_step_tokens is None else max_step_tokens
         out = generate_processed(model, input_ids, heads, logits_processor=procs, stopping_criteria=criteria,
-                                 do_sample=bool(gc.do_sample), **common)
+                                 do_sample=bool(gc.do_sample), max_step_tokens=cap, **common)
     if gc.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -206,15 +210,16 @@ def patch(model, heads: MTPHeads | None = None, mode: str = "lossless", **option
         model: a loaded Qwen2 / Llama causal LM (changed in place: an instance-level ``generate``).
         heads: :class:`MTPHeads` (None: the shipped heads for a known backbone, unless ``mode="greedy"``).
         mode: ``"lossless"`` (default), ``"greedy"`` or ``"clp"``.
-        options: defaults for ``prompt_lookup`` / ``max_step_tokens``; per-call kwargs override all of these.
+        options: defaults for ``prompt_lookup`` / ``max_step_tokens`` / ``speculation``; per-call kwargs override
+            all of these.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
     if heads is not None and not isinstance(heads, MTPHeads):
         raise TypeError(f"heads must be MTPHeads or None, got {type(heads).__name__}")
-    unknown = set(options) - {"prompt_lookup", "max_step_tokens"}
+    unknown = set(options) - {"prompt_lookup", "max_step_tokens", "speculation"}
     if unknown:
-        raise ValueError(f"unknown patch options {sorted(unknown)}: only prompt_lookup, max_step_tokens")
+        raise ValueError(f"unknown patch options {sorted(unknown)}: only prompt_lookup, max_step_tokens, speculation")
     NativeBackbone(model)  # an unsupported architecture fails here, not at the first generate
     if heads is None and mode != "greedy":
         from clp_fast.assets import default_heads_for

@@ -124,7 +124,7 @@ class NativeBackbone:
                 ``i`` at ``cache.lengths[b] + i``, attending to new tokens ``<= i``.
 
         Returns:
-            hidden ``[B, T, H]`` final (post-norm) hidden states, and the step's keys/values
+            hidden ``[B, T, H]`` final (post-norm) hidden states (zeros at padding), and the step's keys/values
             ``new_k, new_v`` ``[L, B, KVH, T, D]`` (after RoPE), ready for
             :func:`clp_fast.backend.commit_kv_span_`.
         """
@@ -134,24 +134,43 @@ class NativeBackbone:
         pos = cache.lengths[:, None] + offset  # [B, T]
         x = self.inner.embed_tokens(tokens)  # [B, T, H]
         cos, sin = self.inner.rotary_emb(x, pos)  # [B, T, D] each
-        cos, sin = cos[:, None], sin[:, None]
         mask = self._attention_mask(cache.lengths, new_len, S, T, anc)
-        L = len(self.layers)
+        # Projections and MLPs (nearly all of the FLOPs) run over the real tokens only, packed [N, H]: a ragged
+        # step (rows feeding different numbers of tokens, finished rows feeding none) pays for what it feeds,
+        # not for B x T. Only attention sees the padded [B, T] layout.
+        real = (torch.arange(T, device=tokens.device)[None] < new_len[:, None]).flatten()  # [B * T]
+        idx = None if bool(real.all()) else real.nonzero().squeeze(1)
+        x, cos, sin = (t.flatten(0, 1) for t in (x, cos, sin))
+        if idx is not None:
+            x, cos, sin = x[idx], cos[idx], sin[idx]
+        cos, sin = cos[:, None], sin[:, None]  # [N, 1, D]
+
+        def padded(t: torch.Tensor, heads: int) -> torch.Tensor:  # [N, heads, D] -> [B, heads, T, D]
+            if idx is not None:
+                t = t.new_zeros((B * T, heads, self.head_dim)).index_copy_(0, idx, t)
+            return t.view(B, T, heads, self.head_dim).transpose(1, 2)
+
+        L, N = len(self.layers), x.shape[0]
         new_k = torch.empty((L, B, self.kv_heads, T, self.head_dim), dtype=x.dtype, device=x.device)
         new_v = torch.empty_like(new_k)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, NH, T, D]
-            k = attn.k_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-            v = attn.v_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = attn.q_proj(h).view(N, self.num_heads, self.head_dim)
+            k = attn.k_proj(h).view(N, self.kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(N, self.kv_heads, self.head_dim)
+            q = padded(q * cos + _rotate_half(q) * sin, self.num_heads)  # [B, NH, T, D]
+            k = padded(k * cos + _rotate_half(k) * sin, self.kv_heads)  # [B, KVH, T, D]
+            v = padded(v, self.kv_heads)
             new_k[li], new_v[li] = k, v
             keys = torch.cat([cache.k[li, :, :, :S], k], dim=2)  # [B, KVH, S + T, D]
             vals = torch.cat([cache.v[li, :, :, :S], v], dim=2)
             o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
                                                enable_gqa=self.num_heads != self.kv_heads)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+            o = o.transpose(1, 2).reshape(B * T, self.num_heads * self.head_dim)
+            x = x + attn.o_proj(o if idx is None else o[idx])
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.inner.norm(x), new_k, new_v
+        x = self.inner.norm(x)
+        if idx is not None:
+            x = x.new_zeros((B * T, x.shape[-1])).index_copy_(0, idx, x)
+        return x.view(B, T, -1), new_k, new_v

@@ -77,6 +77,14 @@ class TreeCalibration:
                 "top_m": self.top_m, "default": self.default}
 
     @classmethod
+    def uncalibrated(cls, k: int, bins: int = 20) -> TreeCalibration:
+        """A candidate's own probability as its rate (bin midpoints), the default lookup rates; for heads that
+        ship no calibration."""
+        edges = tuple(i / bins for i in range(bins + 1))
+        mids = tuple((i + 0.5) / bins for i in range(bins))
+        return cls(edges, (mids,) * max(k, 1), default=False)
+
+    @classmethod
     def from_dict(cls, d: dict) -> TreeCalibration:
         try:
             return cls(tuple(d["edges"]), tuple(tuple(r) for r in d["rates"]), tuple(d.get("lookup", cls.lookup)),
@@ -153,16 +161,19 @@ class _Tree:
     depth: torch.Tensor  # [B, T] guesses between the node and the root (position offset)
     anc: torch.Tensor  # [B, T, T] bool: anc[b, i, j] <=> j is i or one of its ancestors
     n_fed: torch.Tensor  # [B] real nodes per row (0 for rows not run)
+    prior: torch.Tensor | None = None  # [B, T] a node's prior acceptance given its parent's (adaptive speculation)
+    src: torch.Tensor | None = None  # [B, T] index into clp_fast.speculation.SOURCES (-1: root or padding)
 
 
-def _make_tree(rows: list[tuple[list[int], list[int]]], device) -> _Tree:
-    """``rows[b] = (tokens, parents)`` lists (parents[0] unused) → padded :class:`_Tree`."""
-    B, T = len(rows), max(1, max(len(t) for t, _ in rows))
+def _make_tree(rows: list[tuple], device) -> _Tree:
+    """``rows[b] = (tokens, parents)`` lists (parents[0] unused), optionally ``+ (priors, sources)``
+    → padded :class:`_Tree`."""
+    B, T = len(rows), max(1, max(len(r[0]) for r in rows))
     tokens = torch.zeros((B, T), dtype=torch.long)
     parent = torch.zeros((B, T), dtype=torch.long)
     depth = torch.zeros((B, T), dtype=torch.long)
     anc = torch.zeros((B, T, T), dtype=torch.bool)
-    for b, (toks, pars) in enumerate(rows):
+    for b, (toks, pars, *_) in enumerate(rows):
         n = len(toks)
         if n:
             tokens[b, :n] = torch.tensor(toks, dtype=torch.long)
@@ -171,15 +182,26 @@ def _make_tree(rows: list[tuple[list[int], list[int]]], device) -> _Tree:
             parent[b, i] = pars[i]
             depth[b, i] = depth[b, pars[i]] + 1
             anc[b, i] |= anc[b, pars[i]]
-    n_fed = torch.tensor([len(t) for t, _ in rows], dtype=torch.long)
-    return _Tree(*(x.to(device) for x in (tokens, parent, depth, anc, n_fed)))
+    n_fed = torch.tensor([len(r[0]) for r in rows], dtype=torch.long)
+    tree = _Tree(*(x.to(device) for x in (tokens, parent, depth, anc, n_fed)))
+    if rows and len(rows[0]) == 4:
+        prior = torch.zeros((B, T), dtype=torch.float32)
+        src = torch.full((B, T), -1, dtype=torch.long)
+        for b, (toks, _, pri, sr) in enumerate(rows):
+            if len(toks) > 1:
+                prior[b, 1 : len(toks)] = torch.tensor(pri[1:], dtype=torch.float32)
+                src[b, 1 : len(toks)] = torch.tensor(sr[1:], dtype=torch.long)
+        tree.prior, tree.src = prior.to(device), src.to(device)
+    return tree
 
 
-def _insert(toks: list[int], pars: list[int], children: dict, branch: list[int], budget: int) -> None:
+def _insert(toks: list[int], pars: list[int], children: dict, branch: list[int], budget: int,
+            est: tuple[list[float], list[int], list[float], int] | None = None) -> None:
     """Add ``branch`` below the root of a trie held as ``toks``/``pars`` lists, sharing existing nodes;
-    stops when the trie has ``budget`` nodes."""
+    stops when the trie has ``budget`` nodes. With ``est = (priors, sources, branch priors, source)`` the
+    trie's per-node priors and sources are kept too (a shared node keeps the larger prior and its source)."""
     node = 0
-    for t in branch:
+    for d, t in enumerate(branch):
         nxt = children.get((node, t))
         if nxt is None:
             if len(toks) >= budget:
@@ -188,11 +210,16 @@ def _insert(toks: list[int], pars: list[int], children: dict, branch: list[int],
             toks.append(t)
             pars.append(node)
             children[(node, t)] = nxt
+            if est is not None:
+                est[0].append(est[2][d])
+                est[1].append(est[3])
+        elif est is not None and est[2][d] > est[0][nxt]:
+            est[0][nxt], est[1][nxt] = est[2][d], est[3]
         node = nxt
 
 
 def _lossless_tree(step: _Step, contexts: list[list[int]], width: int, max_guesses: torch.Tensor,
-                   active: torch.Tensor, device) -> _Tree:
+                   active: torch.Tensor, device, calib: TreeCalibration | None = None, all_heads: bool = False):
     """Per active row: a 2/3-gram prompt-lookup branch of up to ``width`` guesses (the strongest guess:
     held-out chain accuracy of the heads beyond head 1 is ~0.08 / 0.02), the heads' chain, then, when no
     longer n-gram matched, a 1-gram lookup branch of up to ``width // 2``, merged into one trie of at most
@@ -201,29 +228,50 @@ def _lossless_tree(step: _Step, contexts: list[list[int]], width: int, max_guess
     Simulated on the greedy outputs of 24 HumanEval prompts (Qwen2.5-Coder-0.5B, k = 2 heads): tau 1.70
     for the best single branch per step, 1.86 for the tree; the cheaper alternatives measured there
     (3 lookup branches: +0.045 tau for +2.2 fed tokens; a stdlib n-gram datastore: +0.10 for +1.3) cost
-    about what they gain on this CPU, where each fed token costs ~2.5 % of a step."""
+    about what they gain on this CPU, where each fed token costs ~2.5 % of a step.
+
+    With ``calib`` (adaptive speculation) it returns the tries as ``(tokens, parents, priors, sources)``
+    lists for :func:`clp_fast.speculation.select_nodes` instead of a :class:`_Tree`: a head guess's prior is
+    its calibrated confidence (``calib.rate``; ``step.conf``), a lookup guess's the calibrated lookup rate
+    of its depth (a 1-gram guess ``WEAK_LOOKUP`` of it); ``all_heads`` offers all k head guesses (the
+    selection, not the CLP, decides how many are fed)."""
+    from clp_fast.speculation import SOURCES, WEAK_LOOKUP
+
     pending, drafts, n_heads = step.pending.tolist(), step.drafts.tolist(), step.n_drafts.tolist()
+    conf = step.conf.tolist() if calib is not None and step.conf is not None else None
     cap = max_guesses.tolist()
     rows = []
     for b, live in enumerate(active.tolist()):
         if not live:
-            rows.append(([], []))
+            rows.append(([], [], [], []) if calib is not None else ([], []))
             continue
         toks, pars, children = [pending[b]], [0], {}
-        branches = []
+        n_h = len(drafts[b]) if all_heads else n_heads[b]
+        heads = drafts[b][:n_h]
+        branches = []  # (tokens, source)
         if width:
             ctx = contexts[b] + [pending[b]]
             strong = lookup_continuation(ctx, width, min_ngram=2)
-            branches.append(strong)
-            branches.append(drafts[b][: n_heads[b]])
+            branches.append((strong, "lookup"))
+            branches.append((heads, "heads"))
             if not strong:  # a 1-gram match is a weak signal: a short branch (simulated: +1 % tok/s over width)
-                branches.append(lookup_continuation(ctx, max(1, width // 2), max_ngram=1))
+                branches.append((lookup_continuation(ctx, max(1, width // 2), max_ngram=1), "lookup1"))
         else:
-            branches.append(drafts[b][: n_heads[b]])
-        for br in branches:
-            _insert(toks, pars, children, br[: cap[b]], 1 + cap[b])
-        rows.append((toks, pars))
-    return _make_tree(rows, device)
+            branches.append((heads, "heads"))
+        est = None
+        if calib is not None:
+            pri, srcs = [1.0], [-1]
+        for br, name in branches:
+            if calib is not None:
+                if name == "heads":
+                    p = [calib.rate(d + 1, conf[b][d]) if conf else 0.5 for d in range(len(br))]
+                else:
+                    w = 1.0 if name == "lookup" else WEAK_LOOKUP
+                    p = [w * calib.lookup_rate(d + 1) for d in range(len(br))]
+                est = (pri, srcs, p, SOURCES.index(name))
+            _insert(toks, pars, children, br[: cap[b]], 1 + cap[b], est)
+        rows.append((toks, pars, pri, srcs) if calib is not None else (toks, pars))
+    return rows if calib is not None else _make_tree(rows, device)
 
 
 def _chain_tree(step: _Step, n: torch.Tensor, active: torch.Tensor, device) -> _Tree:

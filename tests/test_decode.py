@@ -49,8 +49,8 @@ class OracleDrafts:
         self.V = model.config.vocab_size
         self.original = decode._draft
 
-    def __call__(self, bb, heads, hidden, mode, policy, threshold, top_m=1):
-        ids, conf, n, *top = self.original(bb, heads, hidden, mode, policy, threshold, top_m)
+    def __call__(self, bb, heads, hidden, mode, policy, threshold, top_m=1, **kw):
+        ids, conf, n, *top = self.original(bb, heads, hidden, mode, policy, threshold, top_m, **kw)
         nearest = torch.cdist(hidden.float(), self.bank).argmin(-1).tolist()
         for i, b in enumerate(nearest):
             r, t = self.where[b]
@@ -110,7 +110,8 @@ def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, mo
     monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every))
     got, stats = clp_fast.generate(model, ids, random_heads(model, 4), attention_mask=mask, max_new_tokens=30,
                                    mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=0,
-                                   max_step_tokens=None, return_stats=True)  # all k guesses for every row
+                                   max_step_tokens=None, speculation="fixed",  # all k guesses for every row
+                                   return_stats=True)
     assert_equal_ids(got, want)
     assert stats.new_tokens == [30] * 4
     assert sum(stats.accept_hist[1:]) > 0, stats.accept_hist  # some guesses were accepted ...
@@ -121,15 +122,15 @@ def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, mo
 
 
 def test_step_token_cap_limits_guesses_and_keeps_lossless_exact(monkeypatch):
-    """max_step_tokens=8 over 4 rows leaves each row 8 // 4 - 1 = 1 guess a step, even with right guesses; a cap
-    below 2 tokens per row still leaves each row its one guess."""
+    """Fixed speculation: max_step_tokens=8 over 4 rows leaves each row 8 // 4 - 1 = 1 guess a step, even with
+    right guesses; a cap below 2 tokens per row still leaves each row its one guess."""
     model = tiny_model("qwen2")
     ids, mask = left_pad(PROMPTS)
     want = hf_greedy(model, ids, mask, 20)
     seqs = [want[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
     monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
     kw = dict(attention_mask=mask, max_new_tokens=20, mode="lossless", eos_token_id=[], pad_token_id=0,
-              prompt_lookup=0, return_stats=True)
+              prompt_lookup=0, return_stats=True, speculation="fixed")
     got, stats = clp_fast.generate(model, ids, random_heads(model, 4), max_step_tokens=8, **kw)
     assert_equal_ids(got, want)
     assert stats.accept_hist[1] > 0 and sum(stats.accept_hist[2:]) == 0, stats.accept_hist
@@ -179,7 +180,8 @@ def test_draft_tree_verifies_lookup_and_heads_branches_together(monkeypatch):
     monkeypatch.setattr(decode, "_verify", spy)
     got, stats = clp_fast.generate(model, ids, random_heads(model, 2), attention_mask=mask, max_new_tokens=24,
                                    mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=4,
-                                   max_step_tokens=None, return_stats=True)  # whole trees for every row
+                                   max_step_tokens=None, speculation="fixed",  # whole trees for every row
+                                   return_stats=True)
     assert_equal_ids(got, want)
     assert sum(stats.accept_hist[3:]) > 0, stats.accept_hist  # deeper than the heads reach: the lookup branch
     assert "heads" in wins and "lookup" in wins, wins
@@ -215,9 +217,9 @@ def test_clp_mode_computes_logit_rows_only_at_each_rows_last_fed_node(monkeypatc
     heads = random_heads(model, 3)  # the CLP takes every guess
     sizes, original = [], decode._draft
 
-    def spy(bb, heads_, hidden, *args):
+    def spy(bb, heads_, hidden, *args, **kw):
         sizes.append(hidden.shape[0])
-        return original(bb, heads_, hidden, *args)
+        return original(bb, heads_, hidden, *args, **kw)
 
     monkeypatch.setattr(decode, "_draft", spy)
     ids, mask = left_pad(PROMPTS)
@@ -227,7 +229,7 @@ def test_clp_mode_computes_logit_rows_only_at_each_rows_last_fed_node(monkeypatc
     assert sizes and set(sizes) == {len(PROMPTS)}, sizes
     sizes.clear()
     clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=16, mode="lossless", eos_token_id=[],
-                      pad_token_id=0, prompt_lookup=0, max_step_tokens=None)
+                      pad_token_id=0, prompt_lookup=0, max_step_tokens=None, speculation="fixed")
     assert max(sizes) > len(PROMPTS), sizes
 
 
@@ -239,8 +241,8 @@ def test_draft_vocabulary_reaches_the_heads_and_lossless_stays_exact(monkeypatch
         heads.weight.normal_(std=0.05)
     seen, original = [], decode._draft
 
-    def spy(*args):
-        ids, conf, n = original(*args)
+    def spy(*args, **kw):
+        ids, conf, n = original(*args, **kw)
         seen.append(ids)
         return ids, conf, n
 
@@ -312,7 +314,8 @@ def test_each_batched_row_equals_that_row_alone_with_eos(mode, monkeypatch):
 
         monkeypatch.setattr(decode, "_emit", spy)
     batched, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode=mode,
-                                    eos_token_id=eos, pad_token_id=0, max_step_tokens=None, return_stats=True)
+                                    eos_token_id=eos, pad_token_id=0, max_step_tokens=None, speculation="fixed",
+                                    return_stats=True)
     assert_equal_ids(batched, hf_greedy(model, ids, mask, 20, eos=eos))
     if mode == "lossless":
         assert sum(st.accept_hist[1:]) > 0, st.accept_hist

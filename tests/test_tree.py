@@ -78,8 +78,8 @@ class RankedOracle:
         self.sequences, self.rank, self.V = sequences, rank, model.config.vocab_size
         self.original = decode._draft
 
-    def __call__(self, bb, heads, hidden, mode, policy, threshold, top_m=1):
-        ids, conf, n, *top = self.original(bb, heads, hidden, mode, policy, threshold, top_m)
+    def __call__(self, bb, heads, hidden, mode, policy, threshold, top_m=1, **kw):
+        ids, conf, n, *top = self.original(bb, heads, hidden, mode, policy, threshold, top_m, **kw)
         for i, b in enumerate(torch.cdist(hidden.float(), self.bank).argmin(-1).tolist()):
             r, t = self.where[b]
             seq = self.sequences[r]
@@ -106,7 +106,7 @@ def test_engine_accepts_second_candidates_and_stays_exact(monkeypatch):
     heads.extra_config["tree"] = CAL.to_dict()
     monkeypatch.setattr(decode, "_draft", RankedOracle(model, seqs, rank=1))
     kw = dict(attention_mask=mask, max_new_tokens=20, mode="lossless", eos_token_id=[], pad_token_id=0,
-              prompt_lookup=0, max_step_tokens=None, return_stats=True)
+              prompt_lookup=0, max_step_tokens=None, return_stats=True, speculation="fixed")
     chain, st_chain = clp_fast.generate(model, ids, heads, tree_top_m=1, **kw)
     tree, st_tree = clp_fast.generate(model, ids, heads, **kw)  # None -> the heads' calibrated m = 3
     assert_equal_ids(chain, want)

@@ -1,0 +1,111 @@
+"""Adaptive speculation: which guesses each row feeds this step, from what they are expected to return and
+what feeding them costs on this machine.
+
+Every candidate node of every row's draft trie (prompt-lookup branches, the heads' chain) carries a
+**prior**: the probability that it is the greedy token given that its parent is — a head guess's
+calibrated confidence (:class:`clp_fast.tree.TreeCalibration`, else its softmax probability), a lookup
+guess's measured rate per depth. Each row corrects its priors per source by what it has recently accepted
+(:class:`RowAcceptance`: a row of repetitive text accepts lookup guesses far above the prior, a row of
+fresh code far below). A node's **expected return** ``e`` is the product of corrected priors along its
+path. All nodes of all rows are then taken best first while the batch's expected tokens per second rises:
+
+    rate(n) = (A + sum of the n best e) / cost(A + n)
+
+with ``A`` the rows that decode this step (each emits its pending token for free) and ``cost`` the
+measured forward time of ``A + n`` fed tokens (:class:`clp_fast.cost.StepCost`). Where a fed token costs
+more than it returns — a compute-bound batch — ``n`` falls to 0 and decoding is plain greedy; when rows
+finish, ``A`` falls, the forward becomes cheap again and speculation comes back. Only speed depends on
+this choice: lossless verification keeps the output greedy's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clp_fast.cost import StepCost
+
+__all__ = ["RowAcceptance", "select_nodes", "SOURCES"]
+
+SOURCES = ("lookup", "heads", "lookup1")  # 2/3-gram prompt lookup, MTP heads, 1-gram lookup
+WEAK_LOOKUP = 0.5  # prior of a 1-gram lookup guess relative to a 2/3-gram one (corrected per row as it goes)
+MAX_RATE = 0.98  # no guess is certain: a child's e stays below its parent's, so parents are always taken first
+PRIOR_WEIGHT = 2.0  # strength of the prior in RowAcceptance, in expected accepted guesses
+DECAY = 0.8  # per step: a row's acceptance history fades over ~5 steps
+
+
+class RowAcceptance:
+    """Per row and source, accepted guesses over their priors' sum, both decayed per step: a factor on the
+    priors, ``(PRIOR_WEIGHT + hits) / (PRIOR_WEIGHT + expected)``, clamped to ``[0.25, 2.5]``."""
+
+    def __init__(self, batch: int):
+        self.hits = torch.zeros(batch, len(SOURCES), dtype=torch.float64)
+        self.expected = torch.zeros(batch, len(SOURCES), dtype=torch.float64)
+
+    def factors(self) -> list[list[float]]:
+        return ((PRIOR_WEIGHT + self.hits) / (PRIOR_WEIGHT + self.expected)).clamp(0.25, 2.5).tolist()
+
+    def update(self, prior: torch.Tensor, src: torch.Tensor, parent_ok: torch.Tensor, ok: torch.Tensor,
+               active: torch.Tensor) -> None:
+        """After verification: ``prior``/``src [B, T]`` per fed node, ``parent_ok [B, T]`` whether its parent
+        was accepted (the node was *tried*), ``ok [B, T]`` whether it was accepted; rows not ``active`` keep
+        their history."""
+        tried = parent_ok.cpu()
+        onehot = torch.nn.functional.one_hot(src.cpu().clamp(min=0), len(SOURCES)).to(torch.float64)  # [B, T, S]
+        onehot *= (tried & (src.cpu() >= 0))[..., None]
+        exp = (onehot * prior.cpu().to(torch.float64)[..., None]).sum(1)
+        hit = (onehot * ok.cpu()[..., None]).sum(1)
+        live = active.cpu()[:, None]
+        self.hits = torch.where(live, DECAY * self.hits + hit, self.hits)
+        self.expected = torch.where(live, DECAY * self.expected + exp, self.expected)
+
+
+def _expected_returns(rows: list[tuple], factors: list[list[float]]) -> list[list[float]]:
+    """Per row, per node, the product of corrected priors along its path (node 0, the pending token: 1)."""
+    out = []
+    for (toks, pars, prior, src), f in zip(rows, factors):
+        e = [1.0] * len(toks)
+        for i in range(1, len(toks)):
+            e[i] = e[pars[i]] * min(MAX_RATE, prior[i] * f[src[i]])
+        out.append(e)
+    return out
+
+
+def select_nodes(rows: list[tuple], factors: list[list[float]], cost: StepCost, cap: int | None = None
+                 ) -> tuple[list[tuple], dict]:
+    """Prune every row's trie ``(tokens, parents, priors, sources)`` to the nodes that maximise the batch's
+    expected tokens per second (module docstring). Rows with no nodes are not decoding.
+
+    Args:
+        rows: per row the trie as lists, node 0 the pending token, parents before children.
+        factors: :meth:`RowAcceptance.factors`.
+        cost: forward seconds against fed tokens.
+        cap: at most this many tokens fed over the batch (None: no cap beyond the tries themselves).
+
+    Returns:
+        the pruned rows (same layout, parents remapped) and ``{"fed", "expected", "rate"}`` of the choice.
+    """
+    e = _expected_returns(rows, factors)
+    A = sum(1 for toks, *_ in rows if toks)
+    # best first; equal returns by row then node index, so a parent (lower index) precedes its child
+    cands = sorted((-ei, b, i) for b, eb in enumerate(e) for i, ei in enumerate(eb) if i > 0)
+    limit = len(cands) if cap is None else max(0, min(len(cands), cap - A))
+    best_n, best_rate, gained = 0, A / cost(max(A, 1)), 0.0
+    for n in range(1, limit + 1):
+        gained += -cands[n - 1][0]
+        rate = (A + gained) / cost(A + n)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    keep = [set() for _ in rows]
+    for _, b, i in cands[:best_n]:
+        keep[b].add(i)
+    pruned = []
+    for (toks, pars, prior, src), kb in zip(rows, keep):
+        if not toks:
+            pruned.append(([], [], [], []))
+            continue
+        idx = [0] + sorted(kb)
+        new = {old: j for j, old in enumerate(idx)}
+        pruned.append(([toks[i] for i in idx], [new[pars[i]] if i else 0 for i in idx],
+                       [prior[i] for i in idx], [src[i] for i in idx]))
+    expected = A + sum(-c[0] for c in cands[:best_n])
+    return pruned, {"fed": A + best_n, "expected": expected, "rate": best_rate}
