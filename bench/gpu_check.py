@@ -7,6 +7,8 @@
    (the reference) at R in {1, 4, 16, 64}, k in {2, 3, 4}; the commit kernel vs the reference's per-row
    copies. Targets: fused >= 85% of copy bandwidth at R <= 16; >= 4x faster than naive at k = 3.
 4. End-to-end decode-step timing at the 0.5B/1.5B shapes with random weights: greedy vs lossless step cost.
+5. Batched decoding (``bench/gpu_batched.py``) at B in {1, 8, 32}: clp_fast greedy and lossless (adaptive
+   speculation) against transformers' batched greedy, same random 0.5B-shaped model.
 
 Writes ``gpu_check-<time>.json`` to ``$OUT`` if set, else ``bench/results/``. ``GPU_CHECK_TINY=1`` runs tiny
 shapes (on CPU under ``TRITON_INTERPRET=1`` when there is no GPU) so CI can check this script itself.
@@ -39,6 +41,9 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_batched import batched_hook  # noqa: E402
+
 from clp_fast import reference  # noqa: E402
 from kernels.fused_heads import fused_heads  # noqa: E402
 from kernels.kv_commit import commit_kv_span_  # noqa: E402
@@ -276,6 +281,7 @@ def main() -> int:
 
     rows += perf(copy_gbps)
     rows += e2e_hook()
+    rows += batched_hook(DEV, TINY)
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_check-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"

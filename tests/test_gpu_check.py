@@ -25,4 +25,8 @@ def test_gpu_check_tiny_runs_and_reports(tmp_path):
     assert any(ln.startswith("E2E") and "lossless == greedy: True" in ln for ln in lines), "\n".join(lines[-6:])
     (result,) = tmp_path.glob("gpu_check-*.json")
     rows = json.loads(result.read_text())
-    assert {r.get("bench") for r in rows} >= {"copy", "fused_heads", "commit_kv_span_", "e2e", "e2e-match"}
+    assert {r.get("bench") for r in rows} >= {"copy", "fused_heads", "commit_kv_span_", "e2e", "e2e-match", "batched",
+                                              "batched-match"}
+    batched = [ln for ln in lines if ln.startswith("BATCHED")]
+    assert any("lossless == greedy: True" in ln for ln in batched), "\n".join(batched)
+    assert {r["B"] for r in rows if r.get("bench") == "batched"} == {1, 2}
