@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.clp_fast-installed
 
-.PHONY: install test test-fast bench bench-full eval eval-full lint fetch clean
+.PHONY: install test test-fast bench bench-full bench-batched eval eval-full lint fetch clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: install
 bench-full: install
 	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet
 	$(PY) bench/run_bench.py --full
+
+# Batches never slower: clp_fast greedy / lossless vs transformers batched greedy, B in 1..32, 2 reps (~10 min).
+bench-batched: install
+	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet
+	$(PY) bench/bench_batched.py
 
 # Executed HumanEval pass@1 of greedy, clp mode at a threshold sweep and the gate (sandboxed; see README).
 EVAL_ARGS ?=

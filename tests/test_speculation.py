@@ -126,7 +126,7 @@ def test_row_acceptance_factors():
     prior = torch.tensor([[0.0, 0.5, 0.5, 0.5], [0.0, 0.5, 0.5, 0.5]])
     src = torch.tensor([[-1, li, li, hi], [-1, li, li, hi]])
     tried = torch.tensor([[False, True, True, True], [False, True, True, True]])
-    ok = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    ok = torch.tensor([[False, True, True, False], [False, True, False, False]])
     acc.update(prior, src, tried, ok, torch.tensor([True, False]))
     f = acc.factors()
     assert f[0][li] == pytest.approx((2 + 2) / (2 + 1.0)) and f[0][hi] == pytest.approx(2 / 2.5)
