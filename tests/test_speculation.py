@@ -251,3 +251,27 @@ def test_speculation_argument_is_checked():
         clp_fast.generate(model, ids, heads, max_new_tokens=2, speculation="sometimes")
     with pytest.raises(TypeError, match="cost_model must be"):
         clp_fast.generate(model, ids, heads, max_new_tokens=2, cost_model={1: 1.0})
+
+
+@pytest.mark.parametrize("cost_model", ["flat", "measured"])
+def test_ragged_batch_of_16_lossless_equals_transformers_greedy(monkeypatch, cost_model):
+    """16 ragged left-padded rows (lengths 1-12), right and wrong guesses (oracle drafts, every 3rd corrupted),
+    prompt lookup on, an EOS some rows hit: fp32 lossless == transformers' batched greedy row for row, with a
+    flat cost (everything fed) and with this machine's measured one."""
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 13, (16,),
+                                                                                              generator=g)]
+    ids, mask = left_pad(prompts)
+    plain = hf_greedy(model, ids, mask, 24)
+    P = ids.shape[1]
+    eos = plain[0, P + 5].item()  # row 0 stops after 6 tokens; others wherever this token occurs
+    want = hf_greedy(model, ids, mask, 24, eos=[eos])
+    seqs = [plain[b][mask[b].bool().tolist() + [True] * 24].tolist() for b in range(16)]
+    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every=3))
+    cm = StepCost(FLAT, learn=False) if cost_model == "flat" else None
+    got, st = clp_fast.generate(model, ids, random_heads(model, 3), attention_mask=mask, max_new_tokens=24,
+                                mode="lossless", eos_token_id=[eos], pad_token_id=0, return_stats=True, cost_model=cm)
+    assert_equal_ids(got, want)
+    if cost_model == "flat":
+        assert sum(st.accept_hist[1:]) > 0 and st.forward_passes < 24, st.accept_hist
