@@ -26,7 +26,7 @@ from clp_fast.cost import StepCost, step_cost
 from clp_fast.heads import MTPHeads
 from clp_fast.memory import check_cache_fits
 from clp_fast.model import NativeBackbone, StaticKVCache
-from clp_fast.speculation import RowAcceptance, select_nodes
+from clp_fast.speculation import SOURCES, HeadsWorth, RowAcceptance, select_nodes
 from clp_fast.tree import (  # noqa: F401
     FED_TOKEN_COST,
     TreeCalibration,
@@ -419,7 +419,7 @@ def generate(
     if adaptive:
         cost = cost_model if cost_model is not None else step_cost(bb)
         spec_calib = heads.tree_calibration or TreeCalibration.uncalibrated(heads.k)
-        acceptance = RowAcceptance(B)
+        acceptance, heads_worth, step_has_heads = RowAcceptance(B), HeadsWorth(), True
     streaming.put_prompt(streamer, input_ids)
     step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold, top_m)
     contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
@@ -460,8 +460,11 @@ def generate(
                 max_guesses = max_guesses.clamp(max=max(1, max_step_tokens // int(active.sum()) - 1))
             if adaptive:
                 tries = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev, spec_calib,
-                                       all_heads=True)
-                tree = _make_tree(select_nodes(tries, acceptance.factors(), cost, max_step_tokens or None)[0], dev)
+                                       all_heads=step_has_heads)
+                chosen, choice = select_nodes(tries, acceptance.factors(), cost, max_step_tokens or None)
+                tree = _make_tree(chosen, dev)
+                if step_has_heads:
+                    heads_worth.observe_gain(choice["by_source"][SOURCES.index("heads")], choice["expected"])
             elif top_m > 1:
                 tree = _topm_tree(step, contexts, prompt_lookup, max_guesses.clamp(max=TREE_MAX_GUESSES), active,
                                   calib, FED_TOKEN_COST, dev)
@@ -488,10 +491,18 @@ def generate(
             if adaptive and dev.type == "cpu":  # the forward and its logit rows, as the cost model measured them
                 cost.observe(int(tree.n_fed.sum()), time.perf_counter() - t_fwd)
             best = _verify(ids, tree, mode)  # [B] deepest accepted node
-            if split:  # the accepted node's backbone row is known: only its head rows are new
+            if split and adaptive and not heads_worth.want():  # the heads' guesses do not pay: lookup only
+                none = torch.zeros_like(step.drafts)
+                next_step = _Step(ids[rows, best, 0], none, none[:, 0], conf=none.float())
+                step_has_heads = False
+            elif split:  # the accepted node's backbone row is known: only its head rows are new
+                t_heads = time.perf_counter()
                 ids_b, conf_b, n_b, *top = _draft(bb, heads, hidden[rows, best], mode, policy, threshold, top_m,
                                                   backbone=(ids[rows, best, 0], conf[rows, best, 0]))
                 next_step = _Step(ids_b[:, 0], ids_b[:, 1:], n_b, *top, conf=conf_b[:, 1:])
+                if adaptive and dev.type == "cpu":
+                    heads_worth.observe_cost(time.perf_counter() - t_heads, cost(int(tree.n_fed.sum())))
+                step_has_heads = True
             else:
                 next_step = _Step(ids[rows, best, 0], ids[rows, best, 1:], n_next[rows, best],
                                   conf=conf[rows, best, 1:])

@@ -24,13 +24,14 @@ import torch
 
 from clp_fast.cost import StepCost
 
-__all__ = ["RowAcceptance", "select_nodes", "SOURCES"]
+__all__ = ["RowAcceptance", "HeadsWorth", "select_nodes", "SOURCES"]
 
 SOURCES = ("lookup", "heads", "lookup1")  # 2/3-gram prompt lookup, MTP heads, 1-gram lookup
 WEAK_LOOKUP = 0.5  # prior of a 1-gram lookup guess relative to a 2/3-gram one (corrected per row as it goes)
 MAX_RATE = 0.98  # no guess is certain: a child's e stays below its parent's, so parents are always taken first
 PRIOR_WEIGHT = 2.0  # strength of the prior in RowAcceptance, in expected accepted guesses
 DECAY = 0.8  # per step: a row's acceptance history fades over ~5 steps
+PROBE_EVERY = 8  # steps without the heads before they are computed again to re-measure what they bring
 
 
 class RowAcceptance:
@@ -59,6 +60,40 @@ class RowAcceptance:
         self.expected = torch.where(live, DECAY * self.expected + exp, self.expected)
 
 
+class HeadsWorth:
+    """Whether computing the heads' guesses pays for itself: their share of the step's expected tokens must beat
+    their share of its time (the head MLPs and their logit rows: ~10 % of a 0.5B step on the 2-core CPU).
+
+    A compute-bound batch that selects few head guesses decodes faster without computing them at all
+    (prompt-lookup guesses are free); every ``PROBE_EVERY`` skipped steps the heads run again, so a change
+    (rows finishing, more predictable text) brings them back.
+    """
+
+    def __init__(self):
+        self.gain = None  # EMA of the selected head guesses' share of the step's expected tokens
+        self.share = None  # EMA of the heads' share of a step's time
+        self.skipped = 0
+
+    def observe_gain(self, heads_expected: float, total_expected: float) -> None:
+        g = heads_expected / max(total_expected, 1e-9)
+        self.gain = g if self.gain is None else self.gain + 0.3 * (g - self.gain)
+
+    def observe_cost(self, heads_seconds: float, step_seconds: float) -> None:
+        c = heads_seconds / max(step_seconds, 1e-9)
+        self.share = c if self.share is None else self.share + 0.3 * (c - self.share)
+
+    def want(self) -> bool:
+        """Compute the heads for the next step?"""
+        if self.gain is None or self.share is None or self.gain > self.share:
+            self.skipped = 0
+            return True
+        self.skipped += 1
+        if self.skipped > PROBE_EVERY:
+            self.skipped = 0
+            return True
+        return False
+
+
 def _expected_returns(rows: list[tuple], factors: list[list[float]]) -> list[list[float]]:
     """Per row, per node, the product of corrected priors along its path (node 0, the pending token: 1)."""
     out = []
@@ -82,7 +117,8 @@ def select_nodes(rows: list[tuple], factors: list[list[float]], cost: StepCost, 
         cap: at most this many tokens fed over the batch (None: no cap beyond the tries themselves).
 
     Returns:
-        the pruned rows (same layout, parents remapped) and ``{"fed", "expected", "rate"}`` of the choice.
+        the pruned rows (same layout, parents remapped) and ``{"fed", "expected", "rate", "by_source"}`` of the
+        choice (``by_source``: expected accepted guesses per source in :data:`SOURCES` order).
     """
     e = _expected_returns(rows, factors)
     A = sum(1 for toks, *_ in rows if toks)
@@ -107,5 +143,7 @@ def select_nodes(rows: list[tuple], factors: list[list[float]], cost: StepCost, 
         new = {old: j for j, old in enumerate(idx)}
         pruned.append(([toks[i] for i in idx], [new[pars[i]] if i else 0 for i in idx],
                        [prior[i] for i in idx], [src[i] for i in idx]))
-    expected = A + sum(-c[0] for c in cands[:best_n])
-    return pruned, {"fed": A + best_n, "expected": expected, "rate": best_rate}
+    by_source = [0.0] * len(SOURCES)
+    for ne, b, i in cands[:best_n]:
+        by_source[rows[b][3][i]] -= ne
+    return pruned, {"fed": A + best_n, "expected": A + sum(by_source), "rate": best_rate, "by_source": by_source}

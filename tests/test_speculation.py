@@ -275,3 +275,43 @@ def test_ragged_batch_of_16_lossless_equals_transformers_greedy(monkeypatch, cos
     assert_equal_ids(got, want)
     if cost_model == "flat":
         assert sum(st.accept_hist[1:]) > 0 and st.forward_passes < 24, st.accept_hist
+
+
+def test_heads_worth_skips_heads_that_do_not_pay_and_probes_again():
+    from clp_fast.speculation import PROBE_EVERY, HeadsWorth
+
+    w = HeadsWorth()
+    assert w.want()  # nothing measured yet
+    w.observe_gain(0.05, 5.0)  # head guesses: 1 % of the expected tokens
+    w.observe_cost(0.01, 0.1)  # ... for 10 % of the step
+    assert [w.want() for _ in range(PROBE_EVERY + 1)] == [False] * PROBE_EVERY + [True]
+    w.observe_gain(2.0, 5.0)  # 40 % of the tokens (EMA 0.01 -> 0.127) now beats 10 % of the time
+    assert w.gain == pytest.approx(0.01 + 0.3 * (0.4 - 0.01)) and w.want() and w.want()
+
+
+def test_heads_are_not_computed_while_no_head_guess_pays(monkeypatch):
+    """A per-token cost selects no guess, so the heads bring nothing: after the first step they run only as
+    probes (every PROBE_EVERY + 1 steps); the output stays transformers' greedy."""
+    from clp_fast.speculation import PROBE_EVERY
+
+    model = tiny_model("qwen2")
+    heads = random_heads(model, 3)
+    calls, original = [], MTPHeads.head_rows
+
+    def spy(self, *a, **kw):
+        calls.append(1)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(MTPHeads, "head_rows", spy)
+    ids, mask = left_pad(PROMPTS)
+    got, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=30, mode="lossless",
+                                eos_token_id=[], pad_token_id=0, return_stats=True,
+                                cost_model=StepCost(PER_TOKEN, learn=False))
+    assert_equal_ids(got, hf_greedy(model, ids, mask, 30))
+    steps = st.forward_passes - 1
+    assert 1 <= len(calls) <= 2 + steps // (PROBE_EVERY + 1), (len(calls), steps)
+    calls.clear()
+    _, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=30, mode="lossless",
+                              eos_token_id=[], pad_token_id=0, return_stats=True,
+                              cost_model=StepCost(FLAT, learn=False))
+    assert len(calls) == st.forward_passes - 1  # every guess pays (free tokens): the heads run after every step
