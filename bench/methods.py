@@ -44,7 +44,7 @@ class ForwardCounter:
 
 
 def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int, threshold: float | None,
-                 counter: ForwardCounter) -> list[Method]:
+                 counter: ForwardCounter, speculation: str = "adaptive") -> list[Method]:
     """The methods of the single-stream table, in table order."""
     from transformers import GenerationConfig
 
@@ -66,7 +66,8 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
             out, st = clp_fast.generate(model, ids, h, attention_mask=mask, max_new_tokens=n, mode=mode,
                                         eos_token_id=eos, pad_token_id=pad, policy=policy,
                                         clp_threshold=threshold if mode == "clp" and policy == "clp" else None,
-                                        return_stats=True)
+                                        return_stats=True, **({"speculation": speculation} if mode == "lossless"
+                                                              else {}))
             return out, {"forward_passes": st.forward_passes, "row_forwards": st.row_forwards,
                          "accept_hist": st.accept_hist, "new_tokens": st.new_tokens, "drafted": st.drafted}
         return run

@@ -86,7 +86,7 @@ def run_exactness(args, model, tok, heads, eos, pad, counter) -> int:
     from tqdm import tqdm
 
     prompts = load_prompts(tok, args.n_humaneval, args.n_prose, args.seed)
-    methods = [m for m in make_methods(model, heads, args.ks, eos, pad, None, counter)
+    methods = [m for m in make_methods(model, heads, args.ks, eos, pad, None, counter, args.speculation)
                if m.name in (BASELINE, PROMPT_LOOKUP, "clp_fast greedy", "clp_fast lossless")]
     with tqdm(total=len(prompts) * len(methods), file=sys.stderr, disable=args.quiet) as bar:
         records = run_single_stream(methods, prompts, args.max_new_tokens, eos, PeakRSS(), bar)
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-prose", type=int, help=f"prose prompts (default {DEFAULTS['n_prose']})")
     p.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULTS['max_new_tokens']}")
     p.add_argument("--ks", default="2,3,4", help="head counts for the lossless/clp rows (default 2,3,4)")
+    p.add_argument("--speculation", default="adaptive", choices=["adaptive", "fixed"],
+                   help="lossless rows: the cost-model policy (default) or every guess (deterministic acceptance)")
     p.add_argument("--clp-threshold", type=float, help="CLP threshold for clp rows (default: the heads' own)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, stated in the output)")
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_exactness(args, model, tok, heads, eos, pad, counter)
 
     prompts = load_prompts(tok, args.n_humaneval, args.n_prose, args.seed)
-    methods = make_methods(model, heads, args.ks, eos, pad, args.clp_threshold, counter)
+    methods = make_methods(model, heads, args.ks, eos, pad, args.clp_threshold, counter, args.speculation)
     mem = PeakRSS()
     batch_k = min(args.batch_k, heads.k)
     n_batched = sum(2 * args.batch_reps for _ in args.batch_sizes)
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup_s = warm_up(methods, prompts[0], args.warmup_tokens, bar)
         records = run_single_stream(methods, prompts, args.max_new_tokens, eos, mem, bar)
         batched = (run_batched(model, tok, heads, batch_k, args.batch_sizes, args.batch_new_tokens, args.batch_reps,
-                               args.seed, eos, pad, counter, bar, min(args.warmup_tokens, 4))
+                               args.seed, eos, pad, counter, bar, min(args.warmup_tokens, 4), args.speculation)
                    if args.batch_sizes else None)
     profile = None
     if args.profile:

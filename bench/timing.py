@@ -64,13 +64,14 @@ def left_pad_batch(tok, texts: list[str], pad: int) -> tuple[torch.Tensor, torch
 
 
 def run_batched(model, tok, heads: MTPHeads, k: int, batch_sizes: list[int], n: int, reps: int, seed: int,
-                eos: list[int], pad: int, counter: ForwardCounter, bar, warmup_tokens: int = 4) -> dict:
+                eos: list[int], pad: int, counter: ForwardCounter, bar, warmup_tokens: int = 4,
+                speculation: str = "adaptive") -> dict:
     """clp_fast lossless vs transformers batched greedy on left-padded HumanEval batches, interleaved."""
     from clp_fast.data import humaneval_prompts
 
     pool = humaneval_prompts()
     rng = random.Random(seed + 1)
-    ms = make_methods(model, heads, [k], eos, pad, None, counter)
+    ms = make_methods(model, heads, [k], eos, pad, None, counter, speculation)
     hf_m = next(m for m in ms if m.name == BASELINE)
     ours_m = next(m for m in ms if m.name == "clp_fast lossless")
     rows, batches = [], []

@@ -41,7 +41,9 @@ def test_bench_end_to_end(smollm2, tmp_path):
     out_dir = tmp_path / "results"
     # No --heads: the bench must find the shipped heads by the backbone's LM-head fingerprint. CLP threshold 0.5,
     # not the shipped 0.96: in 2 x 8 tokens the shipped threshold may take no guess, and clp rows claim some.
+    # fixed speculation: the acceptance asserted below must not depend on this machine's cost model
     proc = _run(["--model", str(smollm2_path()), "--clp-threshold", "0.5", "--n-humaneval", "1", "--n-prose", "1",
+                 "--speculation", "fixed",
                  "--max-new-tokens", "8", "--dtype", "fp32", "--threads", "1", "--batch-sizes", "1,2",
                  "--batch-new-tokens", "4", "--warmup-tokens", "2", "--profile", "--quiet", "--out-dir", str(out_dir)],
                 timeout=300)

@@ -362,11 +362,11 @@ def test_smollm2_lossless_equals_transformers_greedy_fp32(smollm2):
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     want = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=pad)
     got, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=32, mode="lossless",
-                                pad_token_id=pad, prompt_lookup=0, return_stats=True)
+                                pad_token_id=pad, prompt_lookup=0, return_stats=True, speculation="fixed")
     assert_equal_ids(got, want)
     assert sum(st.accept_hist[1:]) > 0, st.accept_hist  # some head guess was verified and kept
     single, st1 = clp_fast.generate(model, torch.tensor([rows[0]]), heads, max_new_tokens=32, mode="lossless",
-                                    prompt_lookup=0, return_stats=True)
+                                    prompt_lookup=0, return_stats=True, speculation="fixed")
     assert_equal_ids(single, model.generate(torch.tensor([rows[0]]), max_new_tokens=32, do_sample=False,
                                             pad_token_id=pad))
     assert sum(st1.accept_hist[1:]) > 0, st1.accept_hist

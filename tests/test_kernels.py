@@ -454,7 +454,7 @@ def test_lossless_decode_with_triton_backend_equals_torch_backend(monkeypatch):
         monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every=3))
         outs[choice], stats = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=12,
                                                 mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=0,
-                                                return_stats=True)
+                                                return_stats=True, speculation="fixed")
         monkeypatch.undo()
         assert sum(stats.accept_hist[1:]) > 0 and sum(stats.accept_hist[:-1]) > 0, stats.accept_hist
     assert torch.equal(outs["triton"], outs["torch"]), first_mismatch(outs["triton"], outs["torch"])

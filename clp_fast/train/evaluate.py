@@ -85,6 +85,8 @@ def evaluate_heads(model, heads: MTPHeads, prompts, *, tokenizer=None, max_new_t
         for key in keys:
             mode, thr = (key.split("@")[0], float(key.split("@")[1])) if "@" in key else (key, None)
             extra = {"prompt_lookup": prompt_lookup} if mode == "lossless" and prompt_lookup is not None else {}
+            if mode == "lossless":  # every guess the CLP takes is verified: tau measures the heads, not this machine
+                extra["speculation"] = "fixed"
             out, st = clp_fast.generate(model, x, heads if mode != "greedy" else None, max_new_tokens=max_new_tokens,
                                         mode=mode, return_stats=True, clp_threshold=thr, **extra)
             res[key] = (out[0, len(ids) : len(ids) + st.new_tokens[0]].tolist(), st)
