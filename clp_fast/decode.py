@@ -32,6 +32,7 @@ from clp_fast.tree import (  # noqa: F401
     TreeCalibration,
     _chain_tree,
     _lossless_tree,
+    _lossless_tries,
     _make_tree,
     _topm_tree,
     _Tree,
@@ -356,8 +357,8 @@ def generate(
             if max_step_tokens and not adaptive:  # fewer guesses keep the output; in clp mode they would change it
                 max_guesses = max_guesses.clamp(max=max(1, max_step_tokens // int(active.sum()) - 1))
             if adaptive:
-                tries = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev, spec_calib,
-                                       all_heads=step_has_heads)
+                tries = _lossless_tries(step, contexts, prompt_lookup, max_guesses, active, spec_calib,
+                                        all_heads=step_has_heads)
                 chosen, choice = select_nodes(tries, acceptance.factors(), cost, max_step_tokens or None)
                 tree = _make_tree(chosen, dev)
                 if step_has_heads:

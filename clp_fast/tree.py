@@ -219,7 +219,14 @@ def _insert(toks: list[int], pars: list[int], children: dict, branch: list[int],
 
 
 def _lossless_tree(step: _Step, contexts: list[list[int]], width: int, max_guesses: torch.Tensor,
-                   active: torch.Tensor, device, calib: TreeCalibration | None = None, all_heads: bool = False):
+                   active: torch.Tensor, device) -> _Tree:
+    """The fixed-speculation step's trees: :func:`_lossless_tries` as a padded :class:`_Tree`."""
+    return _make_tree(_lossless_tries(step, contexts, width, max_guesses, active), device)
+
+
+def _lossless_tries(step: _Step, contexts: list[list[int]], width: int, max_guesses: torch.Tensor,
+                    active: torch.Tensor, calib: TreeCalibration | None = None, all_heads: bool = False
+                    ) -> list[tuple]:
     """Per active row: a 2/3-gram prompt-lookup branch of up to ``width`` guesses (the strongest guess:
     held-out chain accuracy of the heads beyond head 1 is ~0.08 / 0.02), the heads' chain, then, when no
     longer n-gram matched, a 1-gram lookup branch of up to ``width // 2``, merged into one trie of at most
@@ -230,8 +237,8 @@ def _lossless_tree(step: _Step, contexts: list[list[int]], width: int, max_guess
     (3 lookup branches: +0.045 tau for +2.2 fed tokens; a stdlib n-gram datastore: +0.10 for +1.3) cost
     about what they gain on this CPU, where each fed token costs ~2.5 % of a step.
 
-    With ``calib`` (adaptive speculation) it returns the tries as ``(tokens, parents, priors, sources)``
-    lists for :func:`clp_fast.speculation.select_nodes` instead of a :class:`_Tree`: a head guess's prior is
+    Returns per row ``(tokens, parents)`` lists; with ``calib`` (adaptive speculation) ``(tokens, parents,
+    priors, sources)`` for :func:`clp_fast.speculation.select_nodes`: a head guess's prior is
     its calibrated confidence (``calib.rate``; ``step.conf``), a lookup guess's the calibrated lookup rate
     of its depth (a 1-gram guess ``WEAK_LOOKUP`` of it); ``all_heads`` offers all k head guesses (the
     selection, not the CLP, decides how many are fed)."""
@@ -271,7 +278,7 @@ def _lossless_tree(step: _Step, contexts: list[list[int]], width: int, max_guess
                 est = (pri, srcs, p, SOURCES.index(name))
             _insert(toks, pars, children, br[: cap[b]], 1 + cap[b], est)
         rows.append((toks, pars, pri, srcs) if calib is not None else (toks, pars))
-    return rows if calib is not None else _make_tree(rows, device)
+    return rows
 
 
 def _chain_tree(step: _Step, n: torch.Tensor, active: torch.Tensor, device) -> _Tree:

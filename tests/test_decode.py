@@ -64,6 +64,17 @@ class OracleDrafts:
         return (ids, conf, n, *top)
 
 
+def oracle_batch(monkeypatch, n: int = 20, corrupt_every: int = 10**9):
+    """The tiny Qwen2 model, PROMPTS left-padded, transformers' greedy output for ``n`` tokens, and the heads'
+    guesses replaced by that output (:class:`OracleDrafts`): ``(model, ids, mask, want)``."""
+    model = tiny_model("qwen2")
+    ids, mask = left_pad(PROMPTS)
+    want = hf_greedy(model, ids, mask, n)
+    seqs = [want[b][mask[b].bool().tolist() + [True] * n].tolist() for b in range(len(PROMPTS))]
+    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every))
+    return model, ids, mask, want
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_native_forward_matches_transformers_logits(arch):
     model = tiny_model(arch)
@@ -124,11 +135,7 @@ def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, mo
 def test_step_token_cap_limits_guesses_and_keeps_lossless_exact(monkeypatch):
     """Fixed speculation: max_step_tokens=8 over 4 rows leaves each row 8 // 4 - 1 = 1 guess a step, even with
     right guesses; a cap below 2 tokens per row still leaves each row its one guess."""
-    model = tiny_model("qwen2")
-    ids, mask = left_pad(PROMPTS)
-    want = hf_greedy(model, ids, mask, 20)
-    seqs = [want[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
+    model, ids, mask, want = oracle_batch(monkeypatch)
     kw = dict(attention_mask=mask, max_new_tokens=20, mode="lossless", eos_token_id=[], pad_token_id=0,
               prompt_lookup=0, return_stats=True, speculation="fixed")
     got, stats = clp_fast.generate(model, ids, random_heads(model, 4), max_step_tokens=8, **kw)

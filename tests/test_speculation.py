@@ -15,7 +15,7 @@ from clp_fast.heads import MTPHeads
 from clp_fast.model import NativeBackbone
 from clp_fast.speculation import SOURCES, RowAcceptance, select_nodes
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
-from tests.test_decode import PROMPTS, OracleDrafts, hf_greedy, random_heads
+from tests.test_decode import PROMPTS, OracleDrafts, hf_greedy, oracle_batch, random_heads
 
 FLAT = {1: 1.0, 64: 1.0}  # a fed token costs nothing: every guess with any chance pays
 PER_TOKEN = {1: 1.0}  # a forward costs in proportion to its tokens: no guess (e < 1) ever pays
@@ -188,11 +188,7 @@ def test_head_rows_equal_fused_heads_head_columns(draft_vocab, top_m):
 def test_adaptive_turns_speculation_off_when_a_token_costs_more_than_it_returns(monkeypatch):
     """Right guesses (oracle drafts): a flat cost feeds them, a per-token cost feeds none and decodes as greedy
     does (one forward per token); both outputs are transformers' greedy (fp32)."""
-    model = tiny_model("qwen2")
-    ids, mask = left_pad(PROMPTS)
-    want = hf_greedy(model, ids, mask, 20)
-    seqs = [want[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
+    model, ids, mask, want = oracle_batch(monkeypatch)
     kw = dict(attention_mask=mask, max_new_tokens=20, mode="lossless", eos_token_id=[], pad_token_id=0,
               prompt_lookup=0, return_stats=True)
     on, st_on = clp_fast.generate(model, ids, random_heads(model, 3), cost_model=StepCost(FLAT, learn=False), **kw)
