@@ -27,7 +27,7 @@ import tokenize
 import zipfile
 from pathlib import Path
 
-from clp_fast.hub import clp_home, pip_download_wheels
+from clp_fast.fetch import clp_home, pip_download_wheels
 
 __all__ = [
     "cut_prompts",

