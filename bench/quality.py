@@ -17,6 +17,8 @@ tokens/s against transformers greedy measured single-stream in the same run on `
 problems (interleaved, with the load average beside it). The shipped-threshold rule: the fastest
 threshold (most tokens per forward over all N problems) whose paired loss against greedy is at most
 one problem; provisional unless ``--full``. ``--write-threshold DIR`` records it in a heads folder.
+``--lossless`` adds lossless mode as a control: identical to greedy in exact arithmetic, so in bf16 its
+paired loss is what rounding alone flips (verifying a span in one forward changes near-tie argmaxes).
 
 Completions are cached per (method, problem) in ``--cache`` (JSON lines): a killed run resumes.
 
@@ -102,8 +104,10 @@ class CompletionCache:
 
 
 # ---------------------------------------------------------------------------------------- methods
-def quality_methods(heads, thresholds: list[str], gate_thresholds: list[str]) -> list[dict]:
-    """``[{"name", "mode", "policy", "threshold"}]``: greedy, clp at each threshold, gate at each threshold."""
+def quality_methods(heads, thresholds: list[str], gate_thresholds: list[str], lossless: bool = False) -> list[dict]:
+    """``[{"name", "mode", "policy", "threshold"}]``: greedy, clp at each threshold, gate at each threshold, and
+    with ``lossless`` the lossless mode as a control: identical to greedy in exact arithmetic, so its paired
+    loss against greedy is what the dtype's rounding alone flips (no threshold is chosen from it)."""
     def resolve(t: str, policy: str) -> float:
         value = heads.thresholds.get(policy, 0.9) if t == "shipped" else float(t)
         if not 0.0 <= value <= 1.0:
@@ -115,6 +119,8 @@ def quality_methods(heads, thresholds: list[str], gate_thresholds: list[str]) ->
         for value in sorted({resolve(t, policy) for t in ts}, reverse=True):
             out.append({"name": f"{policy}@{value:.4g}", "mode": "clp", "policy": policy, "threshold": value,
                         "shipped": value == heads.thresholds.get(policy)})
+    if lossless:
+        out.append({"name": "lossless", "mode": "lossless", "policy": None, "threshold": None})
     return out
 
 
@@ -151,7 +157,7 @@ def _generate_batch(model, tok, heads, method: dict, prompts: list[list[int]], a
         n = min(args.chunk_tokens, args.max_new_tokens - len(gens[active[0]]))
         ids, mask = clp_fast.left_pad([prompts[j] + gens[j] for j in active], pad)
         out, st = clp_fast.generate(model, ids, None if method["mode"] == "greedy" else heads, attention_mask=mask,
-                                    max_new_tokens=n, mode=method["mode"], policy=method["policy"],
+                                    max_new_tokens=n, mode=method["mode"], policy=method["policy"] or "clp",
                                     clp_threshold=method["threshold"], eos_token_id=eos, pad_token_id=pad,
                                     return_stats=True)
         still = []
@@ -229,7 +235,7 @@ def measure_speed(model, heads, methods: list[dict], problems: list[dict], args,
     def ours(m):
         def run(ids, n):
             out, st = clp_fast.generate(model, ids, None if m["mode"] == "greedy" else heads, max_new_tokens=n,
-                                        mode=m["mode"], policy=m["policy"], clp_threshold=m["threshold"],
+                                        mode=m["mode"], policy=m["policy"] or "clp", clp_threshold=m["threshold"],
                                         eos_token_id=eos, pad_token_id=pad, return_stats=True)
             return out, st.forward_passes
         return run
@@ -273,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the problem subset")
     p.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help=f"CLP thresholds (default {DEFAULT_THRESHOLDS})")
     p.add_argument("--gate-thresholds", default="shipped", help="gate thresholds ('' for none; default shipped)")
+    p.add_argument("--lossless", action="store_true",
+                   help="also run lossless mode, a control: its paired loss is what rounding alone flips")
     p.add_argument("--max-new-tokens", type=int, default=384, help="budget per completion (default 384)")
     p.add_argument("--chunk-tokens", type=int, default=128, help="tokens per generate call between stop checks")
     p.add_argument("--batch-size", type=int, default=8, help="completions per batch (default 8)")
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         p["ids"] = tok(p["prompt"])["input_ids"]
     methods = quality_methods(heads, [t for t in args.thresholds.split(",") if t.strip()],
-                              [t for t in args.gate_thresholds.split(",") if t.strip()])
+                              [t for t in args.gate_thresholds.split(",") if t.strip()], args.lossless)
     run_id = _run_id(args, heads)
     cache_path = Path(args.cache) if args.cache else clp_home() / "quality-cache" / (
         f"{Path(args.model).name}-{args.dtype}-{run_id}.jsonl")

@@ -37,7 +37,7 @@ def summarize_quality(methods: list[dict], problems: list[dict], completions: di
         seq_rep = rep(name)
         sp = (speed or {}).get("rows", {}).get(name)
         rows.append({
-            "method": name, "policy": None if m["mode"] == "greedy" else m["policy"], "threshold": m["threshold"],
+            "method": name, "policy": None if m["mode"] != "clp" else m["policy"], "threshold": m["threshold"],
             "shipped": m.get("shipped", False), "problems": len(ids), "passed": sum(passed),
             "pass_at_1": sum(passed) / len(ids), "pass_at_1_ci95": list(wilson_interval(sum(passed), len(ids))),
             "greedy_pass_this_fail": pairs["a_only"], "this_pass_greedy_fail": pairs["b_only"],

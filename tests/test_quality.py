@@ -98,6 +98,20 @@ def test_threshold_rule_takes_the_fastest_within_one_problem():
     assert quality_report.choose_threshold(rows, 164, full=True)["provisional"] is False
     none_ok = [r for r in rows if r["threshold"] in (0.6, 0.5)]
     assert quality_report.choose_threshold(none_ok, 40, full=False)["clp"] is None
+    # the lossless control (policy None) is never a candidate, however fast and however small its loss
+    control = _row("lossless", None, None, 2.5, 0)
+    assert quality_report.choose_threshold(none_ok + [control], 40, full=False)["clp"] is None
+
+
+def test_lossless_control_is_listed_last_and_only_when_asked():
+    class Heads:
+        thresholds, gate = {"clp": 0.96, "gate": 0.99}, object()
+
+    names = [m["name"] for m in quality.quality_methods(Heads, ["shipped", "0.8"], ["shipped"])]
+    assert names == ["greedy", "clp@0.96", "clp@0.8", "gate@0.99"]
+    with_control = quality.quality_methods(Heads, ["shipped"], [], lossless=True)
+    assert [m["name"] for m in with_control] == ["greedy", "clp@0.96", "lossless"]
+    assert with_control[-1]["mode"] == "lossless" and with_control[-1]["policy"] is None
 
 
 def test_write_threshold_updates_config_and_card(tmp_path):
@@ -130,14 +144,15 @@ def test_quality_script_smoke_on_smollm2(smollm2, tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--model", str(smollm2_path()), "--n", "2",
            "--max-new-tokens", "16", "--chunk-tokens", "8", "--batch-size", "2", "--thresholds", "shipped,0.5",
            "--speed-problems", "1", "--speed-tokens", "8", "--dtype", "fp32", "--threads", "1",
-           "--cache", str(tmp_path / "cache.jsonl")]
+           "--lossless", "--cache", str(tmp_path / "cache.jsonl")]
     proc = subprocess.run(cmd + ["--quiet", "--out-dir", str(out_dir)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (json_path,) = out_dir.glob("*-quality.json")
     res = json.loads(json_path.read_text())
     names = [m["name"] for m in res["methods"]]
-    assert names[0] == "greedy" and "clp@0.5" in names and "clp@0.96" in names and names[-1].startswith("gate@")
+    assert names[0] == "greedy" and "clp@0.5" in names and "clp@0.96" in names and names[-2].startswith("gate@")
+    assert names[-1] == "lossless"
     problems = res["settings"]["problems"]
     assert len(problems) == 2
 
@@ -174,6 +189,12 @@ def test_quality_script_smoke_on_smollm2(smollm2, tmp_path):
     assert rows["greedy"]["exact_match"] == 1.0 and rows["greedy"]["tau"] == 1.0
     assert rows["greedy"]["greedy_pass_this_fail"] == rows["greedy"]["this_pass_greedy_fail"] == 0
     assert rows["clp@0.5"]["tau"] > 1.0  # a low threshold takes guesses: clp mode really ran
+    # the lossless control: in fp32 it says what greedy says, token for token, and is
+    # never a threshold candidate
+    for tid in problems:
+        assert res["completions"]["lossless"][tid]["ids"] == res["completions"]["greedy"][tid]["ids"], tid
+    assert rows["lossless"]["exact_match"] == 1.0 and rows["lossless"]["policy"] is None
+    assert rows["lossless"]["greedy_pass_this_fail"] == rows["lossless"]["this_pass_greedy_fail"] == 0
     assert res["choice"]["provisional"] is True
     assert json_path.with_suffix(".png").stat().st_size > 10_000
     assert "| greedy |" in proc.stdout and "pass@1" in proc.stdout
