@@ -93,8 +93,9 @@ def format_quality_table(rows: list[dict], choice: dict, executed: dict, speed: 
     for policy in ("clp", "gate"):
         c = choice.get(policy)
         tag = " (provisional: fewer than 164 problems)" if choice["provisional"] else ""
+        ran = any(r["policy"] == policy for r in rows)
         lines.append(f"Chosen {policy} threshold{tag}: " + (
-            "none keeps the paired loss at <= 1 problem." if c is None else
+            "not run." if not ran else "none keeps the paired loss at <= 1 problem." if c is None else
             f"**{c['threshold']:.4g}** (τ {c['tau']:.3f}, speedup {_f(c['speedup_median'], '.2f')}×, pass@1 "
             f"{c['pass_at_1']:.3f}, loses {c['greedy_pass_this_fail']} / gains {c['this_pass_greedy_fail']} vs "
             "greedy)."))

@@ -103,6 +103,20 @@ def test_threshold_rule_takes_the_fastest_within_one_problem():
     assert quality_report.choose_threshold(none_ok + [control], 40, full=False)["clp"] is None
 
 
+def test_table_says_which_policies_were_not_run():
+    def full(r):
+        return {**r, "pass_at_1_ci95": [0.3, 0.7], "passed": 20, "problems": 40, "shipped": False,
+                "exact_match": 1.0, "seq_rep_4": 0.05, "repetition_ratio": 1.0, "sandbox": {"passed": 20}}
+
+    rows = [full(_row("greedy", None, None, 1.0, 0)), full(_row("clp@0.9", "clp", 0.9, 1.1, 3))]
+    text = quality_report.format_quality_table(rows, quality_report.choose_threshold(rows, 40, False), {}, None, "t")
+    assert "Chosen clp threshold (provisional: fewer than 164 problems): none keeps" in text
+    assert "Chosen gate threshold (provisional: fewer than 164 problems): not run." in text
+    rows.append(full(_row("gate@0.99", "gate", 0.99, 1.0, 0)))
+    text = quality_report.format_quality_table(rows, quality_report.choose_threshold(rows, 40, False), {}, None, "t")
+    assert "Chosen gate threshold (provisional: fewer than 164 problems): **0.99**" in text
+
+
 def test_lossless_control_is_listed_last_and_only_when_asked():
     class Heads:
         thresholds, gate = {"clp": 0.96, "gate": 0.99}, object()
