@@ -95,8 +95,15 @@ def inputs(R, H, V, k, dtype, plant):
     W = torch.randn(V, H, device=DEV) / H**0.5
     expected = None
     if plant:
+        # Winner t_r of row r: hidden spike 4 at coordinate c_r (the rest x 0.25), W[t_r] = 8 e_{c_r}. Its logit is
+        # one exact product plus exact zeros, so the twin below ties it bit for bit in any summation order or MMA
+        # tiling (dense planted rows do not tie under every BLAS: issue 21). R <= H.
         targets = torch.randperm(V, device=DEV)[:R]
-        W[targets] = 8.0 * hidden / hidden.norm(dim=1, keepdim=True)
+        spike = torch.randperm(H, device=DEV)[:R]
+        hidden *= 0.25
+        hidden[torch.arange(R, device=DEV), spike] = 4.0
+        W[targets] = 0.0
+        W[targets, spike] = 8.0
         # Exact tie: a copy of each winner at a lower index, in an earlier vocabulary split.
         dup = torch.arange(R, device=DEV) * 7
         keep = ~torch.isin(dup, targets)

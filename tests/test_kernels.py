@@ -40,17 +40,37 @@ CONF_TOL = {
 DTYPES = list(CONF_TOL)
 
 
-def make_inputs(R, H, V, k, dtype, *, plant=False, clp=True, clp_scale=1.0):
-    """Random fused_heads inputs on DEVICE; ``plant`` gives row r a clear winner token (see planted_targets)."""
+def plant_winners(hidden, W, targets):
+    """Make token ``targets[r]`` row r's clear winner, for the backbone row and every head, with a logit that is
+    exact in any summation order (in place; returns nothing).
+
+    Row r's hidden state becomes small (x 0.25) but for a spike of 4 at a coordinate c_r of its own, and
+    ``W[t_r] = 8 e_{c_r}``: the winner's logit is one product by a power of two (exact) plus exact zeros, so a
+    bit-identical copy of ``W[t_r]`` ties it bit for bit whatever the BLAS, kernel or tile order (a tie planted
+    with dense rows is not one under every sgemm: issue 21). Heads keep the spike (``z = h + SiLU(small)``), so
+    the winner scores ~32 against < ~13 for the other planted tokens and ~N(0, 1) for random rows.
+    """
+    R, H = hidden.shape
+    if R > H:
+        raise ValueError(f"plant_winners needs a coordinate per row: R={R} > H={H}")
+    coords = torch.randperm(H)[:R]
+    hidden.mul_(0.25)
+    hidden[torch.arange(R), coords] = 4.0
+    W[targets] = 0.0
+    W[targets, coords] = 8.0
+
+
+def make_inputs(R, H, V, k, dtype, *, plant=False, clp=True, clp_scale=1.0, plant_below=None):
+    """Random fused_heads inputs on DEVICE; ``plant`` gives row r a clear winner token ``targets[r]`` (drawn
+    below ``plant_below``, default V), exact in any summation order (see plant_winners)."""
     hidden = torch.randn(R, H)
     head_weight = torch.randn(k, H, H) * (0.5 / H**0.5)
     head_bias = torch.randn(k, H) * 0.1
     W = torch.randn(V, H) / H**0.5  # logits of order 1: non-trivial confidences
     targets = None
     if plant:
-        targets = torch.randperm(V)[:R]
-        # z_j = h + SiLU(small) stays close to h, so W[t_r] along h_r wins row r for every head by ~8 |h|.
-        W[targets] = 8.0 * hidden / hidden.norm(dim=1, keepdim=True)
+        targets = torch.randperm(plant_below or V)[:R]
+        plant_winners(hidden, W, targets)
     clp_weight = clp_bias = None
     if clp and k:
         clp_weight = torch.randn(k, H + k) * clp_scale / H**0.5
@@ -139,7 +159,8 @@ def test_fused_heads_random_matches_reference(R, H, V, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("R,H,V,k", [(3, 96, 1003, 3), (17, 64, 1000, 1), (5, 64, 1000, 8)])
 def test_fused_heads_planted_winners_and_ties(R, H, V, k, dtype):
-    """Clear winners must give torch.equal ids; a duplicated W row gives a bit-exact tie: lowest index wins."""
+    """Clear winners must give torch.equal ids; a duplicated W row gives a tie exact in any summation order:
+    lowest index wins."""
     args, targets = make_inputs(R, H, V, k, dtype, plant=True)
     W = args[3]
     expected = targets.clone()
