@@ -50,7 +50,7 @@ eval-full: install
 	$(PY) bench/quality.py --full $(EVAL_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check --line-length 120 clp_fast kernels tests bench
+	$(VENV)/bin/ruff check --line-length 120 clp_fast tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

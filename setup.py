@@ -4,7 +4,7 @@ setup(
     name="clp_fast",
     version="0.1.0",
     description="Multi-token-prediction heads + collocation-length predictor for faster LLM decoding",
-    packages=find_packages(include=["clp_fast", "clp_fast.*", "kernels"]),
+    packages=find_packages(include=["clp_fast", "clp_fast.*"]),
     package_data={"clp_fast": ["assets/heads/*/*"]},
     python_requires=">=3.10",
     install_requires=[

@@ -2,7 +2,7 @@
 
 Methods, all in this process on the same random weights (Qwen2.5-0.5B LM head by default, V 151,936 x H 896):
   matvec   one plain LM head, ``F.linear(hidden, W)`` + argmax: the baseline the ratio is taken against.
-  fused    CUDA: ``kernels.fused_heads`` (Triton). CPU: the Triton path is only the interpreter there, so
+  fused    CUDA: ``clp_fast.kernels.fused_heads`` (Triton). CPU: the Triton path is only the interpreter there, so
            "fused" is ``clp_fast.reference.fused_heads``: one matmul for all R*(k+1) rows in the input dtype.
   upcast   the earlier reference: ``z.float() @ W.float().t()``, which copies all of W to fp32 every call.
   naive    k+1 separate ``F.linear(z_j, W)`` + argmax: W read k+1 times.
@@ -115,7 +115,7 @@ def main(argv=None) -> list[dict]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        from kernels.fused_heads import fused_heads as fused_impl
+        from clp_fast.kernels.fused_heads import fused_heads as fused_impl
 
         fused_name = "triton"
     else:

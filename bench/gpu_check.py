@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gpu_batched import batched_hook  # noqa: E402
 
 from clp_fast import reference  # noqa: E402
-from kernels.fused_heads import fused_heads  # noqa: E402
-from kernels.kv_commit import commit_kv_span_  # noqa: E402
+from clp_fast.kernels.fused_heads import fused_heads  # noqa: E402
+from clp_fast.kernels.kv_commit import commit_kv_span_  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -29,7 +29,7 @@ def fused_heads(hidden, head_weight, head_bias, lm_head_weight, clp_weight=None,
                 draft_vocab=None, top_m=1):
     """Dispatch of :func:`clp_fast.reference.fused_heads` (same signature and outputs)."""
     if backend_for(hidden.device) == "triton":
-        from kernels.fused_heads import fused_heads as impl
+        from clp_fast.kernels.fused_heads import fused_heads as impl
     else:
         impl = reference.fused_heads
     return impl(hidden, head_weight, head_bias, lm_head_weight, clp_weight, clp_bias, threshold, draft_vocab, top_m)
@@ -38,7 +38,7 @@ def fused_heads(hidden, head_weight, head_bias, lm_head_weight, clp_weight=None,
 def commit_kv_span_(cache_k, cache_v, new_k, new_v, row_offsets, span_lengths) -> None:
     """Dispatch of :func:`clp_fast.reference.commit_kv_span_`; mutates ``cache_k`` and ``cache_v``."""
     if backend_for(cache_k.device) == "triton":
-        from kernels.kv_commit import commit_kv_span_ as impl
+        from clp_fast.kernels.kv_commit import commit_kv_span_ as impl
     else:
         impl = reference.commit_kv_span_
     impl(cache_k, cache_v, new_k, new_v, row_offsets, span_lengths)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every kernel in ``kernels/``: the specification.
+"""Pure-PyTorch reference of every kernel in ``clp_fast/kernels/``: the specification.
 
 Each function here has the same signature and the same outputs as its Triton twin. Tests and
 benchmarks import these functions; nobody re-implements them inline. Token ids produced by a

@@ -1,8 +1,8 @@
-"""Triton kernels (``kernels/``) against their PyTorch twins in ``clp_fast.reference``.
+"""Triton kernels (``clp_fast/kernels/``) against their PyTorch twins in ``clp_fast.reference``.
 
 On a CPU-only machine the kernels run under Triton's interpreter: ``TRITON_INTERPRET`` must be set before
 Triton is imported, hence the assignment above the imports. The kernels are called directly
-(``kernels.fused_heads.fused_heads``), so the Triton path is exercised whatever the backend default.
+(``clp_fast.kernels.fused_heads.fused_heads``), so the Triton path is exercised whatever the backend default.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from clp_fast import backend, reference  # noqa: E402
-from kernels import fused_heads as fh_mod  # noqa: E402
-from kernels import kv_commit as kv_mod  # noqa: E402
+from clp_fast.kernels import fused_heads as fh_mod  # noqa: E402
+from clp_fast.kernels import kv_commit as kv_mod  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -18,7 +18,7 @@ from conftest import first_mismatch  # noqa: E402
 from test_kernels import CONF_TOL, DTYPES, assert_conf_close, make_inputs, ref_logits  # noqa: E402
 
 from clp_fast import reference  # noqa: E402
-from kernels import fused_heads as fh_mod  # noqa: E402
+from clp_fast.kernels import fused_heads as fh_mod  # noqa: E402
 
 
 def sorted_rule(logits: torch.Tensor, m: int) -> torch.Tensor:
