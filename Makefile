@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.clp_fast-installed
 
-.PHONY: install test test-fast bench bench-full bench-batched eval eval-full lint fetch clean
+.PHONY: install test test-fast test-matrix bench bench-full bench-batched eval eval-full lint fetch clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ fetch: install
 
 test: install fetch
 	$(PY) -m pytest -q tests
+
+# Kernel, reference and decode tests with OPENBLAS_CORETYPE=Haswell and unset, 1 and 2 threads (issue 21).
+test-matrix: install fetch
+	bash bench/test_matrix.sh
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads, the machines' size; CLP_FAST_TEST_THREADS overrides (bench/test_matrix.sh runs 1 and 2).
+torch.set_num_threads(int(os.environ.get("CLP_FAST_TEST_THREADS", 0)) or min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
