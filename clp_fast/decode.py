@@ -371,7 +371,7 @@ def generate(
         else:
             tree = _chain_tree(step, n_known, active, dev)
         t_fwd = time.perf_counter()
-        hidden, new_k, new_v = bb.forward(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
+        hidden, new_k, new_v = bb.decode_step(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
         stats.forward_passes += 1
         stats.fed_tokens += int(tree.n_fed.sum())
         row_forwards += active.long()

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clp_fast import graphs, packed
+
 __all__ = ["StaticKVCache", "NativeBackbone"]
 
 _SUPPORTED = ("qwen2", "llama")
@@ -77,19 +79,19 @@ class NativeBackbone:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
-        self.lm_head_weight = model.get_output_embeddings().weight  # [V, H]
-        H = self.lm_head_weight.shape[1]
+        plain = model.get_output_embeddings().weight  # [V, H]
+        self.device, self.dtype = plain.device, plain.dtype
+        # Every product of the step prepacked for oneDNN (bf16 on CPU; packed once per model, see
+        # clp_fast.packed), else None: the model's own modules.
+        self.step = packed.step_weights(model)
+        # [V, H] LM head, plain or packed: pass it to backend.fused_heads / reference.head_rows, which multiply
+        # through clp_fast.packed.linear.
+        self.lm_head_weight = plain if self.step is None else self.step.lm_head
+        H = plain.shape[1]
         # k = 0 head weight / bias for fused_heads' backbone-only call (greedy mode), built once.
-        self.no_heads = (self.lm_head_weight.new_zeros((0, H, H)), self.lm_head_weight.new_zeros((0, H)))
+        self.no_heads = (plain.new_zeros((0, H, H)), plain.new_zeros((0, H)))
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head_weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head_weight.dtype
+        self._graphed: graphs.GraphedStep | None = None  # CUDA graphs of the step, for one cache at a time
 
     def allocate_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache.allocate(len(self.layers), batch, self.kv_heads, max_len, self.head_dim,
@@ -110,8 +112,47 @@ class NativeBackbone:
         new = (seen & valid_new) | torch.eye(T, dtype=torch.bool, device=dev)[None]
         return torch.cat([old, new], dim=-1)[:, None]
 
+    def _qkv(self, li: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``h [N, H]`` -> q ``[N, NH, D]``, k and v ``[N, KVH, D]`` (one fused product when packed)."""
+        N, D = h.shape[0], self.head_dim
+        if self.step is None:
+            attn = self.layers[li].self_attn
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            q, k, v = self.step.layers[li].qkv(h).split([self.num_heads * D, self.kv_heads * D, self.kv_heads * D], -1)
+        return q.view(N, self.num_heads, D), k.view(N, self.kv_heads, D), v.view(N, self.kv_heads, D)
+
+    def _o(self, li: int, o: torch.Tensor) -> torch.Tensor:
+        """Attention output projection, ``[N, NH * D] -> [N, H]``."""
+        return self.layers[li].self_attn.o_proj(o) if self.step is None else self.step.layers[li].o(o)
+
+    def _mlp(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """``down(act(gate(x)) * up(x))``, ``[N, H] -> [N, H]`` (gate|up one fused product when packed)."""
+        mlp = self.layers[li].mlp
+        if self.step is None:
+            return mlp(x)
+        lw = self.step.layers[li]
+        gate, up = lw.gate_up(x).chunk(2, dim=-1)
+        return lw.down(mlp.act_fn(gate) * up)
+
+    def decode_step(self, tokens: torch.Tensor, cache: StaticKVCache, new_len: torch.Tensor,
+                    depth: torch.Tensor | None = None, anc: torch.Tensor | None = None):
+        """:meth:`forward` for a decode step (after prefill), the way this device runs it fastest: eager on a
+        CPU, a CUDA graph of the static step at a fed-token bucket on a GPU (:mod:`clp_fast.graphs`)."""
+        kind = graphs.step_kind(self.device)
+        if kind == "eager":
+            return self.forward(tokens, cache, new_len, depth, anc)
+        if kind == "static":
+            T = tokens.shape[1]
+            padded = graphs.pad_to_bucket(tokens, depth, anc, graphs.bucket_for(T))
+            hidden, new_k, new_v = self.forward(padded[0], cache, new_len, padded[1], padded[2], static=True)
+            return hidden[:, :T], new_k[..., :T, :], new_v[..., :T, :]
+        if self._graphed is None or self._graphed.cache is not cache:
+            self._graphed = graphs.GraphedStep(self, cache)
+        return self._graphed(tokens, new_len, depth, anc)
+
     def forward(self, tokens: torch.Tensor, cache: StaticKVCache, new_len: torch.Tensor,
-                depth: torch.Tensor | None = None, anc: torch.Tensor | None = None):
+                depth: torch.Tensor | None = None, anc: torch.Tensor | None = None, static: bool = False):
         """Run the decoder over ``T`` new tokens per row, reading (never writing) the cache.
 
         Args:
@@ -122,6 +163,8 @@ class NativeBackbone:
                 ``cache.lengths[b] + depth[b, i]`` and attends to the new tokens ``j`` with
                 ``anc[b, i, j]`` (``[B, T, T]`` bool, its ancestors and itself). None: a chain, token
                 ``i`` at ``cache.lengths[b] + i``, attending to new tokens ``<= i``.
+            static: no host syncs and no value-dependent shapes (a CUDA graph can capture it): attend over the whole
+                cache (``max_len`` slots, masked past each row's length) and project every token, padding included.
 
         Returns:
             hidden ``[B, T, H]`` final (post-norm) hidden states (zeros at padding), and the step's keys/values
@@ -129,7 +172,7 @@ class NativeBackbone:
             :func:`clp_fast.backend.commit_kv_span_`.
         """
         B, T = tokens.shape
-        S = int(cache.lengths.max())
+        S = cache.max_len if static else int(cache.lengths.max())
         offset = torch.arange(T, device=tokens.device)[None] if depth is None else depth
         pos = cache.lengths[:, None] + offset  # [B, T]
         x = self.inner.embed_tokens(tokens)  # [B, T, H]
@@ -139,7 +182,7 @@ class NativeBackbone:
         # step (rows feeding different numbers of tokens, finished rows feeding none) pays for what it feeds,
         # not for B x T. Only attention sees the padded [B, T] layout.
         real = (torch.arange(T, device=tokens.device)[None] < new_len[:, None]).flatten()  # [B * T]
-        idx = None if bool(real.all()) else real.nonzero().squeeze(1)
+        idx = None if static or bool(real.all()) else real.nonzero().squeeze(1)
         x, cos, sin = (t.flatten(0, 1) for t in (x, cos, sin))
         if idx is not None:
             x, cos, sin = x[idx], cos[idx], sin[idx]
@@ -154,11 +197,7 @@ class NativeBackbone:
         new_k = torch.empty((L, B, self.kv_heads, T, self.head_dim), dtype=x.dtype, device=x.device)
         new_v = torch.empty_like(new_k)
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(N, self.num_heads, self.head_dim)
-            k = attn.k_proj(h).view(N, self.kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(N, self.kv_heads, self.head_dim)
+            q, k, v = self._qkv(li, layer.input_layernorm(x))  # [N, NH, D], [N, KVH, D] x 2
             q = padded(q * cos + _rotate_half(q) * sin, self.num_heads)  # [B, NH, T, D]
             k = padded(k * cos + _rotate_half(k) * sin, self.kv_heads)  # [B, KVH, T, D]
             v = padded(v, self.kv_heads)
@@ -168,8 +207,8 @@ class NativeBackbone:
             o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
                                                enable_gqa=self.num_heads != self.kv_heads)
             o = o.transpose(1, 2).reshape(B * T, self.num_heads * self.head_dim)
-            x = x + attn.o_proj(o if idx is None else o[idx])
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._o(li, o if idx is None else o[idx])
+            x = x + self._mlp(li, layer.post_attention_layernorm(x))
         x = self.inner.norm(x)
         if idx is not None:
             x = x.new_zeros((B * T, x.shape[-1])).index_copy_(0, idx, x)

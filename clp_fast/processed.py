@@ -213,7 +213,7 @@ def generate_processed(
     width = max(heads.k if heads is not None else 0, prompt_lookup)
     prompts, prompt_len, eos, pad_token_id, cache = _start(model, bb, input_ids, attention_mask, max_new_tokens,
                                                            width, eos_token_id, pad_token_id, None)
-    lm_head = model.get_output_embeddings()
+    lm_head = model.get_output_embeddings() if bb.step is None else bb.step.lm_head  # the packed one on CPU/bf16
     # seq: what transformers' processors and criteria would see: the padded prompt row, then the new tokens.
     seq = torch.full((B, P + max_new_tokens + width + 2), pad_token_id, dtype=torch.long, device=dev)
     seq[:, :P] = input_ids
@@ -260,7 +260,7 @@ def generate_processed(
                     tree = _lossless_tree(step, contexts, prompt_lookup, max_guesses, active, dev)
             else:
                 tree = _chain_tree(step, torch.zeros_like(produced), active, dev)
-            hidden, new_k, new_v = bb.forward(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
+            hidden, new_k, new_v = bb.decode_step(tree.tokens, cache, tree.n_fed, tree.depth, tree.anc)  # [B, T, H]
             stats.forward_passes += 1
             row_forwards += active.long()
             scores_at = _node_scorer(procs, lm_head, tree.tokens, tree.n_fed, hidden, seq, seq_len)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from clp_fast.packed import linear, rows
+
 __all__ = ["head_hidden", "fused_heads", "head_rows", "clp_accept_lengths", "commit_kv_span_"]
 
 
@@ -97,7 +99,7 @@ def fused_heads(
         hidden: ``[R, H]`` final hidden states (bf16, fp16 or fp32).
         head_weight: ``[k, H, H]``; ``k`` may be 0 (then only the backbone row is computed).
         head_bias: ``[k, H]``.
-        lm_head_weight: ``[V, H]``.
+        lm_head_weight: ``[V, H]``, a tensor or (on CPU) its :class:`clp_fast.packed.PackedWeight`.
         clp_weight: ``[k, H + k]`` or None (then accept lengths are all ``k``).
         clp_bias: ``[k]`` or None.
         threshold: CLP acceptance probability.
@@ -123,13 +125,13 @@ def fused_heads(
     z = head_hidden(hidden, head_weight, head_bias)  # [R, k + 1, H]
     head_logits = None
     if Vd == V or k == 0:
-        logits = F.linear(z.reshape(R * (k + 1), H), lm_head_weight)  # one matmul
+        logits = linear(z.reshape(R * (k + 1), H), lm_head_weight)  # one matmul
         ids, conf = _argmax_conf(logits)
         if top_m > 1 and k:
             head_logits = logits.view(R, k + 1, V)[:, 1:].reshape(R * k, V)
     else:
-        ids0, conf0 = _argmax_conf(F.linear(hidden, lm_head_weight))
-        head_logits = F.linear(z[:, 1:].reshape(R * k, H), lm_head_weight[:Vd])
+        ids0, conf0 = _argmax_conf(linear(hidden, lm_head_weight))
+        head_logits = linear(z[:, 1:].reshape(R * k, H), rows(lm_head_weight, Vd))
         idsj, confj = _argmax_conf(head_logits)
         ids = torch.cat([ids0.view(R, 1), idsj.view(R, k)], dim=1)
         conf = torch.cat([conf0.view(R, 1), confj.view(R, k)], dim=1)
@@ -162,7 +164,7 @@ def head_rows(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.
     Vd = lm_head_weight.shape[0] if draft_vocab is None else draft_vocab
     check_top_m(top_m, Vd)
     z = head_hidden(hidden, head_weight, head_bias)[:, 1:]  # [R, k, H]
-    logits = F.linear(z.reshape(R * k, H), lm_head_weight[:Vd])
+    logits = linear(z.reshape(R * k, H), rows(lm_head_weight, Vd))
     ids, conf = _argmax_conf(logits)
     if top_m == 1:
         return ids.view(R, k), conf.view(R, k)
