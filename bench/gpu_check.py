@@ -244,25 +244,41 @@ def e2e_hook() -> list[dict]:
             heads.clp.linear.bias.fill_(5.0)  # take every guess: the widest verify step
         prompt = torch.randint(0, cfg.vocab_size, (1, 128), device=DEV)
         res = {}
-        for mode in ("greedy", "lossless"):
-            clp_fast.generate(model, prompt, heads, max_new_tokens=4, mode=mode, eos_token_id=[])  # warm-up/compile
-            if DEV.type == "cuda":
-                torch.cuda.synchronize()
-            out, st = clp_fast.generate(model, prompt, heads, max_new_tokens=new_tokens, mode=mode, eos_token_id=[],
-                                        return_stats=True)
-            if DEV.type == "cuda":
-                torch.cuda.synchronize()
-            res[mode] = (out, st)
-            step_ms = st.wall_time_s / st.forward_passes * 1e3
-            print(f"E2E {name:>13} {mode:>8}: {st.forward_passes} forwards, {step_ms:.2f} ms/forward, "
-                  f"tau {st.tau:.2f}, {sum(st.new_tokens) / st.wall_time_s:.1f} tok/s")
-            rows.append(dict(bench="e2e", shape=name, mode=mode, forwards=st.forward_passes, ms_per_forward=step_ms,
-                             tau=st.tau, tokens_per_s=sum(st.new_tokens) / st.wall_time_s))
-        same = torch.equal(res["greedy"][0], res["lossless"][0])
-        print(f"E2E {name:>13} lossless == greedy: {same} ({dtype}; bf16 near-tie flips are possible)")
-        rows.append(dict(bench="e2e-match", shape=name, equal=same, dtype=str(dtype)))
+        # The eager step against the CUDA-graph step (clp_fast.graphs); on the CPU the same bucketed static step
+        # without the graph.
+        for kind in ("eager", "graph" if DEV.type == "cuda" else "static"):
+            os.environ["CLP_FAST_STEP"] = kind
+            for mode in ("greedy", "lossless"):
+                res[kind, mode] = e2e_run(model, heads, prompt, mode, new_tokens)
+                st = res[kind, mode][1]
+                step_ms = st.wall_time_s / st.forward_passes * 1e3
+                print(f"E2E {name:>13} {kind:>6} {mode:>8}: {st.forward_passes} forwards, {step_ms:.2f} ms/forward, "
+                      f"tau {st.tau:.2f}, {sum(st.new_tokens) / st.wall_time_s:.1f} tok/s")
+                rows.append(dict(bench="e2e", shape=name, step=kind, mode=mode, forwards=st.forward_passes,
+                                 ms_per_forward=step_ms, tau=st.tau, tokens_per_s=sum(st.new_tokens) / st.wall_time_s))
+        os.environ.pop("CLP_FAST_STEP")
+        outs = {key: out for key, (out, _) in res.items()}
+        same = torch.equal(outs["eager", "greedy"], outs["eager", "lossless"])
+        same_step = all(torch.equal(outs["eager", m], o) for (_, m), o in outs.items())
+        print(f"E2E {name:>13} lossless == greedy: {same}, graph/static step == eager step: {same_step} "
+              f"({dtype}; bf16 near-tie flips are possible)")
+        rows.append(dict(bench="e2e-match", shape=name, equal=same, step_equal=same_step, dtype=str(dtype)))
         del model, heads
     return rows
+
+
+def e2e_run(model, heads, prompt, mode, new_tokens):
+    """One warm-up call (compiles, captures graphs), then the timed one: ``(out, stats)``."""
+    import clp_fast
+
+    clp_fast.generate(model, prompt, heads, max_new_tokens=4, mode=mode, eos_token_id=[])
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+    out, st = clp_fast.generate(model, prompt, heads, max_new_tokens=new_tokens, mode=mode, eos_token_id=[],
+                                return_stats=True)
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+    return out, st
 
 
 def main() -> int:
