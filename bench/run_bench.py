@@ -8,13 +8,17 @@ method runs in turn (the order rotated from prompt to prompt), so machine drift 
 ``hf-greedy`` measured side by side in the same run.
 
 Methods (batch 1): ``hf-greedy`` (transformers ``generate(do_sample=False)``, the baseline),
-``hf-prompt-lookup`` (``prompt_lookup_num_tokens=10``), ``clp_fast greedy`` (our engine, no
-heads: isolates engine overhead), ``clp_fast lossless`` and ``clp_fast clp`` at each k, and
-``gate`` (the ~1M-parameter gate policy in clp mode). Then a batched throughput table
+``hf-greedy + torch.compile`` (the compiled peer: static cache, inductor freezing; its compile time reported
+apart, ``--no-compiled-peer`` skips it), ``hf-prompt-lookup`` (``prompt_lookup_num_tokens=10``),
+``clp_fast greedy`` (our engine, no heads: isolates engine overhead), ``clp_fast lossless`` and ``clp_fast clp``
+at each k, and ``gate`` (the ~1M-parameter gate policy in clp mode). Then a batched throughput table
 (left-padded HumanEval prompts, clp_fast lossless vs transformers batched greedy).
 
 Outputs: the table on stdout (progress bar on stderr), and in ``--out-dir``
-``<date>-<host>-<commit>.{json,md,png}`` plus ``latest.md`` (the markdown table, for the README).
+``<date>-<host>-<commit>.{json,md,png}`` plus ``latest.md`` (the markdown table, for the README). Every row has a
+"% of bandwidth limit": the weight bytes a greedy step streams (``bandwidth.weight_bytes_per_token``) x tok/s over
+a 1 GiB copy measured in the same run. vLLM's rows (``make bench-vllm``: ``vllm_peer.py`` in its own venv, on
+the prompts ``--write-prompts`` wrote) are shown when a ``vllm-*.json`` in ``--out-dir`` matches this run.
 
 The code is split by question: ``methods.py`` (which methods, prompts, heads), ``timing.py`` (running
 and timing them), ``report.py`` (rows, tables, targets, plot), ``profile_step.py`` (``--profile``),
@@ -44,9 +48,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported from elsewhere
+from bandwidth import copy_bandwidth, weight_bytes_per_token  # noqa: E402
 from machine import CONTENDED_MS, PeakRSS, contention_probe, loadavg, machine_info, result_stem  # noqa: E402
 from methods import (  # noqa: E402,F401  (BASELINE, ForwardCounter, make_methods, stop_ids: sweep_step_cap)
     BASELINE,
+    COMPILED,
     PROMPT_LOOKUP,
     ForwardCounter,
     load_heads,
@@ -56,13 +62,17 @@ from methods import (  # noqa: E402,F401  (BASELINE, ForwardCounter, make_method
 )
 from profile_step import format_profile, profile_methods  # noqa: E402
 from report import (  # noqa: E402
+    add_bandwidth,
     check_targets,
     format_batched,
     format_set_table,
     format_table,
     format_targets,
+    format_vllm,
+    load_vllm_peer,
     plot,
     summarize,
+    vllm_rows,
 )
 from timing import run_batched, run_single_stream, warm_up  # noqa: E402
 
@@ -121,6 +131,25 @@ def run_exactness(args, model, tok, heads, eos, pad, counter) -> int:
     return 0 if failures == 0 else 1
 
 
+def write_prompts(args, model, tok) -> int:
+    """``--write-prompts FILE``: the prompts this run would time, as token ids, for ``bench/vllm_peer.py``."""
+    from clp_fast.hub import resolve_model_path
+
+    prompts = load_prompts(tok, args.n_humaneval, args.n_prose, args.seed)
+    eos = stop_ids(model, tok)
+    path = Path(args.write_prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "schema": SCHEMA + "/prompts", "model": args.model, "model_path": str(resolve_model_path(args.model)),
+        "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+        "commit": machine_info()["commit"],
+        "eos_token_ids": eos, "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+        "weight_bytes_per_token": weight_bytes_per_token(model)["bytes"],
+        "prompts": [{"set": p.set, "id": p.id, "ids": p.ids[0].tolist()} for p in prompts]}) + "\n")
+    print(f"wrote {len(prompts)} prompts to {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="known model name or transformers folder")
@@ -143,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-k", type=int, help=f"heads for the batched lossless run (default {DEFAULTS['batch_k']}, "
                    "the best single-stream k measured here; at most the heads' k)")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of each method's warm-up call (0: none)")
+    p.add_argument("--compiled-peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="the hf-greedy + torch.compile row (default on; compiling costs minutes on 2 cores)")
+    p.add_argument("--write-prompts", metavar="FILE",
+                   help="write this run's prompts (token ids, EOS, settings) as JSON for bench/vllm_peer.py and exit")
     p.add_argument("--exactness", action="store_true",
                    help="fp32 check that lossless == hf-greedy token for token (default 3 HumanEval + 1 prose)")
     p.add_argument("--profile", action="store_true", help="also time the parts of one decode step")
@@ -186,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     from clp_fast.hub import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype)
+    if args.write_prompts and tok is not None:  # no heads needed
+        return write_prompts(args, model, tok)
     heads = load_heads(args, model)
     if tok is None:
         raise SystemExit(f"run_bench: no tokenizer with the model {args.model}")
@@ -201,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_exactness(args, model, tok, heads, eos, pad, counter)
 
     prompts = load_prompts(tok, args.n_humaneval, args.n_prose, args.seed)
-    methods = make_methods(model, heads, args.ks, eos, pad, args.clp_threshold, counter, args.speculation)
+    # one static-cache size for the whole run: the compiled peer's decode graph has one shape for every prompt
+    cache_len = max(p.ids.shape[1] for p in prompts) + args.max_new_tokens if args.compiled_peer else None
+    methods = make_methods(model, heads, args.ks, eos, pad, args.clp_threshold, counter, args.speculation,
+                           compiled_cache_len=cache_len)
+    wbytes = weight_bytes_per_token(model)
+    bw = copy_bandwidth()
     mem = PeakRSS()
     batch_k = min(args.batch_k, heads.k)
     n_batched = sum(2 * args.batch_reps for _ in args.batch_sizes)
@@ -216,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.max_new_tokens} tokens, batch 1, {info['torch_threads']} threads on {info['cpu']} "
           f"({info['cpu_count']} CPUs)", file=sys.stderr)
     with tqdm(total=total, file=sys.stderr, disable=args.quiet, desc="bench", unit="run") as bar:
-        warmup_s = warm_up(methods, prompts[0], args.warmup_tokens, bar)
+        warm_s = warm_up(methods, prompts[0], args.warmup_tokens, bar)
         records = run_single_stream(methods, prompts, args.max_new_tokens, eos, mem, bar)
         batched = (run_batched(model, tok, heads, batch_k, args.batch_sizes, args.batch_new_tokens, args.batch_reps,
                                args.seed, eos, pad, counter, bar, min(args.warmup_tokens, 4), args.speculation)
@@ -229,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = summarize(methods, records)
     by_set = {s: summarize(methods, records, s) for s in ("humaneval", "prose")}
+    add_bandwidth(rows, wbytes["bytes"], bw["copy_gb_s"])
+    warmup_s = sum(warm_s.values())
+    vllm_path, vllm_res, vllm_skipped = load_vllm_peer(Path(args.out_dir), {
+        "model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+        "prompts": [[p.id, p.ids.shape[1]] for p in prompts]})
+    peer_rows = (vllm_rows(vllm_res, records, next(r for r in rows if r["label"] == BASELINE), wbytes["bytes"])
+                 if vllm_res else None)
     targets = check_targets(rows, batched, args.dtype)
     elapsed = time.perf_counter() - t_start
     info["loadavg_end"] = loadavg()
@@ -246,6 +293,22 @@ def main(argv: list[str] | None = None) -> int:
         "seq-rep-4 = 1 − unique/total 4-grams of the generated ids, mean over prompts. Peak RSS: " + mem.method
         + f", in MiB (+ growth during the call). Warm-up {warmup_s:.0f} s; whole run {elapsed / 60:.1f} min.",
     ]
+    notes.append(f"% of bandwidth limit = {wbytes['bytes'] / 1e6:.0f} MB of weights per token (the "
+                 f"{wbytes['linear_modules']} nn.Linear weights and biases a greedy step streams, LM head included, "
+                 f"{wbytes['lm_head_bytes'] / 1e6:.0f} MB; not norms, embedding row, KV cache or MTP heads) x tok/s, "
+                 f"over a 1 GiB torch copy measured in this run: {bw['copy_gb_s']:.1f} GB/s read + write "
+                 f"(sum: {bw['sum_gb_s']:.1f} GB/s read). tok/s includes the prefill. Above 100 %: faster than any "
+                 "one-token-per-step decoder can be here (speculative rows).")
+    cp = next((r for r in rows if r["label"] == COMPILED), None)
+    if cp:
+        notes.append(f"{COMPILED}: transformers generate, static cache of {cache_len} positions for every prompt "
+                     "(longest prompt + new tokens: one decode graph, no recompile per prompt length), inductor "
+                     "freezing + cpp.weight_prepack; prefill runs eager. Compiling: "
+                     f"{warm_s.get(COMPILED, 0.0):.0f} s (its warm-up call, not in tok/s); {cp['recompiles']} timed "
+                     f"call(s) compiled again (re-run, {cp['recompile_s']:.0f} s not in tok/s).")
+    if vllm_skipped and not vllm_res:
+        notes.append(f"vLLM rows not shown: {', '.join(vllm_skipped[:3])} ran other prompts or settings "
+                     "(`make bench-vllm` runs this run's defaults).")
     if info["tiny_matmul_ms"] > CONTENDED_MS:
         notes.append(f"**CPU contended**: a [5, 900] x [900, 4] matmul took {info['tiny_matmul_ms']:.1f} ms "
                      f"(~0.003 ms idle) at {info['torch_threads']} threads — other processes held the cores, so "
@@ -256,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"### {header}", "", format_table(rows), ""]
     if sum(bool(v) for v in by_set.values()) > 1:
         md += ["By prompt set:", "", format_set_table(by_set), ""]
+    if peer_rows:
+        md += [format_vllm(vllm_path, vllm_res, peer_rows), ""]
     if batched:
         md += [f"Batched throughput (left-padded HumanEval, greedy vs clp_fast lossless k={batch_k}):", "",
                format_batched(batched), ""]
@@ -268,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
-        "schema": SCHEMA, "started": started, "elapsed_s": elapsed, "warmup_s": warmup_s,
+        "schema": SCHEMA, "started": started, "elapsed_s": elapsed, "warmup_s": warmup_s, "warmup_s_by_method": warm_s,
+        "bandwidth": {**bw, "weights": wbytes}, "compiled_cache_len": cache_len,
+        "vllm": {"file": vllm_path.name, "rows": peer_rows} if peer_rows else None,
         "machine": info, "settings": {**dict(vars(args)), "eos_token_ids": eos, "pad_token_id": pad,
                                       "batch_k": batch_k, "memory": mem.method, "heads_config": heads.config_dict(),
                                       "prompts": [{"set": p.set, "id": p.id, "prompt_len": p.ids.shape[1]}

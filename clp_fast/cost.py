@@ -100,7 +100,8 @@ def _key(bb) -> tuple[str, bool]:
     name = str(getattr(cfg, "_name_or_path", "") or "")
     parts = [name, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size,
              cfg.vocab_size, str(bb.dtype), bb.device.type, torch.get_num_threads(), torch.__version__,
-             platform.machine(), platform.processor() or _cpu_name()]
+             platform.machine(), platform.processor() or _cpu_name(),
+             bb.step is not None]  # a packed step (clp_fast.packed) costs ~half the plain one: another model
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16], bool(name)
 
 
