@@ -33,7 +33,7 @@ from methods import stop_ids  # noqa: E402
 
 import clp_fast  # noqa: E402
 from clp_fast import metrics  # noqa: E402
-from clp_fast.data import humaneval_prompts  # noqa: E402
+from clp_fast.data import humaneval_prompts, prose_prompts  # noqa: E402
 from clp_fast.decode import MAX_STEP_TOKENS  # noqa: E402
 from clp_fast.hub import load_model  # noqa: E402
 
@@ -85,6 +85,15 @@ def run_cell(runs: dict, ids, mask, n: int, eos: list[int], rep: int, mem: PeakR
     return res
 
 
+def prompt_pool(kind: str, seed: int) -> list[str]:
+    """The prompts batches are drawn from: HumanEval's, or those with English prose of three lengths."""
+    code = [r["prompt"] for r in humaneval_prompts()]
+    if kind == "humaneval":
+        return code
+    prose = [text for chars in (150, 400, 1200) for text in prose_prompts(24, seed=seed + chars, chars=chars)]
+    return code[:72] + prose
+
+
 def summarize(cells: dict[int, list[dict]]) -> list[dict]:
     rows = []
     for B, reps in cells.items():
@@ -127,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", default="humaneval", choices=["humaneval", "mixed"],
+                   help="humaneval (uniform code batches) or mixed: HumanEval prompts and English prose of three "
+                        "lengths (~150 / 400 / 1200 characters) drawn together, so batches are ragged and left-padded")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     if args.reps < 1 or args.new_tokens < 1 or any(b < 1 for b in args.batch_sizes):
@@ -143,20 +155,20 @@ def main(argv=None) -> int:
     heads = heads.truncated(min(args.k, heads.k))
     eos, pad = stop_ids(model, tok), tok.pad_token_id if tok.pad_token_id is not None else 0
     runs = make_runs(model, heads, eos, pad, args.methods)
-    pool = humaneval_prompts()
+    pool = prompt_pool(args.prompts, args.seed)
     rng = random.Random(args.seed)
     mem = PeakRSS()
     probe = contention_probe()
     cells: dict[int, list[dict]] = {}
     t_start = time.perf_counter()
     for B in args.batch_sizes:
-        warm = clp_fast.left_pad([tok(r["prompt"])["input_ids"] for r in rng.sample(pool, B)], pad)
+        warm = clp_fast.left_pad([tok(text)["input_ids"] for text in rng.sample(pool, B)], pad)
         for run in runs.values():  # warm-up: first calls allocate and pick kernels
             with torch.inference_mode():
                 run(*warm, 4)
         cells[B] = []
         for rep in range(args.reps):
-            ids, mask = clp_fast.left_pad([tok(r["prompt"])["input_ids"] for r in rng.sample(pool, B)], pad)
+            ids, mask = clp_fast.left_pad([tok(text)["input_ids"] for text in rng.sample(pool, B)], pad)
             cells[B].append(run_cell(runs, ids, mask, args.new_tokens, eos, rep, mem))
             line = ", ".join(f"{n} {r['ratio']:.2f}x" for n, r in cells[B][-1].items() if n != HF)
             print(f"[bench_batched] B={B} rep {rep}: {line} (load {loadavg()[0]:.2f})", flush=True)
@@ -165,6 +177,7 @@ def main(argv=None) -> int:
                 args=vars(args), memory=mem.method)
     table = format_table(rows)
     head = (f"clp_fast batched — {args.model}, {args.dtype}, {args.threads} threads, k={heads.k}, "
+            f"{args.prompts} prompts, "
             f"{args.new_tokens} new tokens, {args.reps} reps; load {info['loadavg_start']} -> {info['loadavg_end']}, "
             f"probe {probe:.3f} ms; commit {info['commit']}")
     print(head + "\n\n" + table)

@@ -193,7 +193,7 @@ class NativeBackbone:
                 t = t.new_zeros((B * T, heads, self.head_dim)).index_copy_(0, idx, t)
             return t.view(B, T, heads, self.head_dim).transpose(1, 2)
 
-        L, N = len(self.layers), x.shape[0]
+        L = len(self.layers)
         new_k = torch.empty((L, B, self.kv_heads, T, self.head_dim), dtype=x.dtype, device=x.device)
         new_v = torch.empty_like(new_k)
         for li, layer in enumerate(self.layers):

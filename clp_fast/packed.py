@@ -148,7 +148,8 @@ def step_weights(model) -> StepWeights | None:
     got = _CACHE.get(model)
     if got is None or got.fingerprint != fp:
         layers = [_pack_layer(layer) for layer in model.model.layers]
-        _CACHE[model] = got = StepWeights(layers, PackedWeight(model.get_output_embeddings().weight, keep_plain=True), fp)
+        lm_head = PackedWeight(model.get_output_embeddings().weight, keep_plain=True)
+        _CACHE[model] = got = StepWeights(layers, lm_head, fp)
     return got
 
 
