@@ -228,7 +228,6 @@ def e2e_hook() -> list[dict]:
     verified), through ``clp_fast.generate`` and so through the Triton kernels on CUDA."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import clp_fast
     from clp_fast.heads import MTPHeads
 
     shapes = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
