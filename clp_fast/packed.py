@@ -7,8 +7,9 @@ MLP/attention projections run 1.5-2.2x faster (FINDINGS, "Third look"). Nothing 
 prompt length or fed-token count ever recompiles.
 
 Numerics: in bf16 the packed product equals ``F.linear`` bit for bit at the row counts decoding uses
-(measured on Intel Xeon and AMD EPYC at M <= 32; prefill-sized M may differ in the last bit), and a fused
-q|k|v or gate|up product equals its parts packed separately. fp32 packed products change the summation
+(measured on Intel Xeon at M <= 32, on AMD EPYC at M = 1; at M >= 40 it may differ in the last bit, so
+larger products — prefill, wide batched verification — take the plain path, :data:`MAX_PACKED_ROWS`), and a
+fused q|k|v or gate|up product equals its parts packed separately. fp32 packed products change the summation
 order (~1e-6), so fp32 keeps the plain path: the fp32 exactness claims never depend on packing.
 
 Memory: each packed weight is a copy (the user's model keeps its own weights, untouched, for its own
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,16 +30,21 @@ import torch.nn.functional as F
 __all__ = ["PackedWeight", "StepWeights", "linear", "rows", "step_weights", "release", "packing_enabled"]
 
 _PACKED_DTYPES = (torch.bfloat16,)
+# Products of more rows (prefill, wide batched verification) take the plain path: compute-bound there, so
+# packing buys little, and the packed product was measured bit-identical to F.linear up to 32 rows, not at 40+.
+MAX_PACKED_ROWS = 32
 
 
 class PackedWeight:
     """A ``[N, K]`` weight (and optional bias ``[N]``) reordered once for oneDNN.
 
     Stands in for the plain tensor wherever the engine multiplies by it (:func:`linear`, :func:`rows`);
-    it has the tensor's ``shape``, ``dtype`` and ``device``.
+    it has the tensor's ``shape``, ``dtype`` and ``device``. Inputs of more than :data:`MAX_PACKED_ROWS` rows
+    go to ``plain`` (the model's own modules: no second plain copy), or to ``F.linear`` on the kept plain weight.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, keep_plain: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, keep_plain: bool = False,
+                 plain: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if weight.dim() != 2:
             raise ValueError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
         w = weight.detach()
@@ -46,11 +53,15 @@ class PackedWeight:
         self.bias = None if bias is None else bias.detach()
         # rows() packs W[:n] from the plain weight; kept only where asked (the LM head: the model's own tensor).
         self._plain = w if keep_plain else None
+        self._plain_fn = plain if plain is not None else (lambda x: F.linear(x, w, self.bias)) if keep_plain else None
         self._rows: dict[int, PackedWeight] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., K] -> [..., N]``, ``x W^T + b``."""
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.shape[1]), self.packed, self.bias, "none", [], "")
+        x2 = x.reshape(-1, self.shape[1])
+        if x2.shape[0] > MAX_PACKED_ROWS and self._plain_fn is not None:
+            return self._plain_fn(x)
+        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.shape[0])
 
     def rows(self, n: int) -> PackedWeight:
@@ -60,7 +71,7 @@ class PackedWeight:
         if n not in self._rows:
             if self._plain is None or not 1 <= n <= self.shape[0]:
                 raise ValueError(f"rows(n={n!r}) needs 1 <= n <= {self.shape[0]} and a weight packed with keep_plain")
-            self._rows[n] = PackedWeight(self._plain[:n])
+            self._rows[n] = PackedWeight(self._plain[:n], keep_plain=True)
         return self._rows[n]
 
     @property
@@ -129,10 +140,13 @@ def _pack_layer(layer) -> LayerWeights:
     a, m = layer.self_attn, layer.mlp
     qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
     gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
-    return LayerWeights(PackedWeight(qkv, _cat_bias(a.q_proj, a.k_proj, a.v_proj)),
-                        PackedWeight(a.o_proj.weight, a.o_proj.bias),
-                        PackedWeight(gate_up, _cat_bias(m.gate_proj, m.up_proj)),
-                        PackedWeight(m.down_proj.weight, m.down_proj.bias))
+    return LayerWeights(
+        PackedWeight(qkv, _cat_bias(a.q_proj, a.k_proj, a.v_proj),
+                     plain=lambda h: torch.cat([a.q_proj(h), a.k_proj(h), a.v_proj(h)], dim=-1)),
+        PackedWeight(a.o_proj.weight, a.o_proj.bias, plain=a.o_proj),
+        PackedWeight(gate_up, _cat_bias(m.gate_proj, m.up_proj),
+                     plain=lambda x: torch.cat([m.gate_proj(x), m.up_proj(x)], dim=-1)),
+        PackedWeight(m.down_proj.weight, m.down_proj.bias, plain=m.down_proj))
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -34,6 +34,12 @@ def test_packed_weight_computes_the_linear(N, K, bias, M):
     want = F.linear(x, w, b)
     assert got.shape == want.shape == (2, M, N) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-8, atol=1e-3)
+    # Past MAX_PACKED_ROWS rows a weight that keeps its plain path takes it: F.linear itself.
+    plain = packed.PackedWeight(w, b, keep_plain=True)(x)
+    if 2 * M > packed.MAX_PACKED_ROWS:
+        assert torch.equal(plain, want)
+    else:
+        assert torch.equal(plain, got)
 
 
 @needs_mkldnn
