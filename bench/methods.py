@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,6 +93,21 @@ def compiled_hf_greedy(model, eos: list[int], pad: int, counter: ForwardCounter,
     return Method(COMPILED, None, run, "hf", compiles=True)
 
 
+@contextlib.contextmanager
+def env(**values):
+    """Environment variables set for the duration of a block, restored after."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int, threshold: float | None,
                  counter: ForwardCounter, speculation: str = "adaptive",
                  compiled_cache_len: int | None = None) -> list[Method]:
@@ -109,10 +125,14 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
             return out, {"forward_passes": counter.n - before}
         return run
 
-    def ours(mode, k, policy="clp"):
+    def ours(mode, k, policy="clp", pack="1"):
         h = heads.truncated(k) if k else None
 
         def run(ids, mask, n):
+            with env(CLP_FAST_PACK=pack):
+                return run_ours(ids, mask, n)
+
+        def run_ours(ids, mask, n):
             out, st = clp_fast.generate(model, ids, h, attention_mask=mask, max_new_tokens=n, mode=mode,
                                         eos_token_id=eos, pad_token_id=pad, policy=policy,
                                         clp_threshold=threshold if mode == "clp" and policy == "clp" else None,
@@ -123,7 +143,9 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
         return run
 
     methods = [Method(BASELINE, None, hf(), "hf"), Method(PROMPT_LOOKUP, None, hf(prompt_lookup_num_tokens=10), "hf"),
-               Method("clp_fast greedy", None, ours("greedy", None), "clp_fast")]
+               Method("clp_fast greedy", None, ours("greedy", None), "clp_fast"),
+               # the eager step before issue 26 (weights not prepacked), side by side
+               Method("clp_fast greedy, plain step", None, ours("greedy", None, pack="0"), "clp_fast")]
     if compiled_cache_len:
         methods.insert(1, compiled_hf_greedy(model, eos, pad, counter, compiled_cache_len))
     methods += [Method("clp_fast lossless", k, ours("lossless", k), "clp_fast") for k in ks]
