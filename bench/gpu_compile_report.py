@@ -143,7 +143,7 @@ def write(res: dict, out_dir: Path) -> tuple[Path, Path]:
     stem = f"gpu_compile-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{meta['commit']}"
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jpath.write_text(json.dumps(dict(meta, **res, launches=by_launch(res["launches"])), default=str))
+    jpath.write_text(json.dumps(dict(meta, **dict(res, launches=by_launch(res["launches"]))), default=str))
     n_err = sum("error" in u for u in res["units"])
     n_spill = sum(bool(u.get("stack") or u.get("local")) for u in res["units"])
     archs = sorted({u["arch"] for u in res["units"]})
