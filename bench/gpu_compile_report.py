@@ -88,7 +88,11 @@ def resource_table(res: dict) -> list[str]:
         occ = []
         for g in gpus:
             o = [u["occupancy"][g] for u in ok if g in u["occupancy"]]
-            occ.append("-" if not o else f"{min(x['warps_pct'] for x in o)}% ({o[0]['limited_by']})")
+            if not o:
+                occ.append("-")
+                continue
+            worst = min(o, key=lambda x: x["warps_pct"])
+            occ.append(f"{worst['warps_pct']}%" + (f" ({worst['limited_by']})" if worst["warps_pct"] < 100 else ""))
         o, smem = json.loads(opts), max(u["shared"] + u["static_smem"] for u in ok)
         out.append(f"| {kernel} | sm_{arch} | {dts} | {keep} | {o['num_warps']}/{o['num_stages']} | {len(ok)} | "
                    f"{regs[0]}-{regs[-1]} | {max(u['stack'] for u in ok)} | {smem / 1024:.0f} | {' | '.join(occ)} |")
