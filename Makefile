@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.clp_fast-installed
 
-.PHONY: install test test-fast test-matrix bench bench-full bench-batched bench-vllm eval eval-full lint fetch clean
+.PHONY: install test test-fast test-matrix bench bench-full bench-batched bench-vllm bench-gpu-compile eval eval-full lint fetch clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench-full: install
 bench-batched: install
 	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet
 	$(PY) bench/bench_batched.py
+
+# Registers, spills, shared memory, occupancy and roofline lower bounds of every kernel launch on A100 / H100 / H200,
+# from ahead-of-time compiles on this CPU, no GPU needed (~1 min on 2 cores; bench/results/gpu_compile-*).
+bench-gpu-compile: install
+	$(PY) bench/gpu_compile_report.py
 
 # Executed HumanEval pass@1 of greedy, clp mode at a threshold sweep and the gate (sandboxed; see README).
 EVAL_ARGS ?=

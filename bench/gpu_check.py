@@ -6,8 +6,11 @@
 3. ``triton.testing.do_bench`` medians: fused kernel vs naive (k+1 separate ``F.linear``) vs single GEMM
    (the reference) at R in {1, 4, 16, 64}, k in {2, 3, 4}; the commit kernel vs the reference's per-row
    copies. Targets: fused >= 85% of copy bandwidth at R <= 16; >= 4x faster than naive at k = 3.
-4. End-to-end decode-step timing at the 0.5B/1.5B shapes with random weights: greedy vs lossless step cost.
-5. Batched decoding (``bench/gpu_batched.py``) at B in {1, 8, 32}: clp_fast greedy and lossless (adaptive
+4. Each launch of the fused heads (bf16, k = 3) and of the commit, timed alone, against its lower bound: the
+   bytes it must move (``bench/gpu_compile.py``) over the spec peak (H200 4.8, H100 3.35, A100 2.0 TB/s) and
+   over the copy bandwidth of step 1 (``ROOF`` lines; ``bench/gpu_compile_report.py`` has the bounds alone).
+5. End-to-end decode-step timing at the 0.5B/1.5B shapes with random weights: greedy vs lossless step cost.
+6. Batched decoding (``bench/gpu_batched.py``) at B in {1, 8, 32}: clp_fast greedy and lossless (adaptive
    speculation) against transformers' batched greedy, same random 0.5B-shaped model.
 
 Writes ``gpu_check-<time>.json`` to ``$OUT`` if set, else ``bench/results/``. ``GPU_CHECK_TINY=1`` runs tiny
@@ -215,6 +218,51 @@ def perf(copy_gbps) -> list[dict]:
     return rows
 
 
+def roofline(copy_gbps) -> list[dict]:
+    """Each launch of ``fused_heads`` (bf16, k = 3, CLP on) and of ``commit_kv_span_`` timed alone, against the
+    least time its bytes take (``bench/gpu_compile.py``'s count: each input read once, each output written once)
+    at the device's spec peak (H200 / H100 / A100) and at the copy bandwidth measured above. The launches are
+    the launcher's own (``_launches`` / ``_launch``), run once in order first, so each reads real inputs."""
+    from gpu_compile import launch_bytes, peak_bytes_per_s
+
+    from clp_fast.kernels import fused_heads as fh
+    from clp_fast.kernels import kv_commit as kv
+    from clp_fast.kernels.device import props_of
+
+    peak = peak_bytes_per_s(torch.cuda.get_device_name(DEV)) if DEV.type == "cuda" else None
+    interpret = DEV.type != "cuda"
+
+    def cases():  # one at a time: the 7B LM head alone is 1.1 GB
+        for name, (H, V) in SHAPES.items():
+            for R in CHECK_RS:
+                args, _ = inputs(R, H, V, 3, torch.bfloat16, plant=False)
+                yield f"{name} R={R} k=3 bf16", fh._launches(*args, 0.5, V, 1, props_of(DEV), interpret)[1]
+        L, B, KVH, M, T, D = (KV[x] for x in ("L", "B", "KVH", "M", "T", "D"))
+        ck = torch.zeros((L, B, KVH, M, D), device=DEV, dtype=torch.bfloat16)
+        nk = torch.randn(L, B, KVH, T, D, device=DEV).bfloat16()
+        full = torch.full((B,), T, device=DEV)  # every row commits T positions: the bytes launch_bytes counts
+        grid, args, meta = kv._launch(ck, ck.clone(), nk, nk.clone(), full * 0, full, T)
+        yield f"L={L} B={B} KVH={KVH} T={T} D={D} bf16", [(kv._kv_commit_kernel, grid, args, meta)]
+
+    rows = []
+    print(f"ROOF lower bound = bytes / peak ({'%.2f TB/s' % (peak / 1e12) if peak else 'peak unknown'}) and / copy "
+          f"bandwidth ({copy_gbps:.0f} GB/s); measured = median of the launch alone")
+    for label, launches in cases():
+        for kernel, grid, args, meta in launches:
+            kernel[grid](*args, **meta)
+        for kernel, grid, args, meta in launches:
+            ms = bench(lambda k=kernel, g=grid, a=args, m=meta: k[g](*a, **m))
+            nbytes = launch_bytes(kernel.__name__, args)
+            bound_us = nbytes / peak * 1e6 if peak else None
+            copy_us = nbytes / (copy_gbps * 1e9) * 1e6
+            at_peak = f"{bound_us:.2f} us at peak ({100 * bound_us / (ms * 1e3):.0f}% of peak reached)" if peak else "-"
+            print(f"ROOF {kernel.__name__} {label}: measured {ms * 1e3:.2f} us, {nbytes / 1e6:.3f} MB, lower bound "
+                  f"{at_peak}, {copy_us:.2f} us at copy bandwidth")  # fmt: skip
+            rows.append(dict(bench="roofline", kernel=kernel.__name__, case=label, measured_us=ms * 1e3,
+                             bytes=nbytes, lower_bound_us=bound_us, copy_bound_us=copy_us))  # fmt: skip
+    return rows
+
+
 E2E_SHAPES = {  # Qwen2.5 decoder shapes; random weights (no model weights travel to the device)
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151_936),
@@ -302,6 +350,7 @@ def main() -> int:
     print(f"CORRECTNESS {'PASS' if all_ok else 'FAIL'} ({sum('ok' in r for r in rows)} checks)")
 
     rows += perf(copy_gbps)
+    rows += roofline(copy_gbps)
     rows += e2e_hook()
     rows += batched_hook(DEV, TINY)
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")

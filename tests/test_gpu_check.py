@@ -22,11 +22,14 @@ def test_gpu_check_tiny_runs_and_reports(tmp_path):
     assert any(ln.startswith("CORRECT commit_kv_span_") and ln.endswith("PASS") for ln in lines)
     assert any(ln.startswith("CORRECTNESS PASS") for ln in lines)
     assert any(ln.startswith("COPY device-to-device") for ln in lines)
+    roof = [ln for ln in lines if ln.startswith("ROOF _")]
+    assert {ln.split()[1] for ln in roof} == {"_head_hidden_kernel", "_fused_heads_kernel", "_merge_clp_kernel",
+                                              "_kv_commit_kernel"}, "\n".join(roof)
     assert any(ln.startswith("E2E") and "lossless == greedy: True" in ln for ln in lines), "\n".join(lines[-6:])
     (result,) = tmp_path.glob("gpu_check-*.json")
     rows = json.loads(result.read_text())
     assert {r.get("bench") for r in rows} >= {"copy", "fused_heads", "commit_kv_span_", "e2e", "e2e-match", "batched",
-                                              "batched-match"}
+                                              "batched-match", "roofline"}
     batched = [ln for ln in lines if ln.startswith("BATCHED")]
     assert any("lossless == greedy: True" in ln for ln in batched), "\n".join(batched)
     assert {r["B"] for r in rows if r.get("bench") == "batched"} == {1, 2}

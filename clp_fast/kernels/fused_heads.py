@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from clp_fast.kernels.device import DeviceProps, props_of
+
 __all__ = ["fused_heads"]
 
 _INT32_MAX = tl.constexpr(2**31 - 1)  # "no index" sentinel: loses every lowest-index tie
@@ -304,36 +306,51 @@ def _merge_clp_kernel(
     # One program per backbone row r: its k + 1 logit rows are partial rows r * K1 .. r * K1 + k.
     r = tl.program_id(0)
     offs_j = tl.arange(0, BLOCK_J)
-    offs_s = tl.arange(0, BLOCK_S)
     mask_j = offs_j < K1
-    mask = mask_j[:, None] & (offs_s < S)[None, :]
-    part = (r * K1 + offs_j)[:, None] * stride_pr + offs_s[None, :]
-    pmax = tl.load(pmax_ptr + part, mask=mask, other=float("-inf"))
-    parg = tl.load(parg_ptr + part, mask=mask, other=_INT32_MAX)
-    psum = _load_or_zero(psum_ptr + part, mask)
-
+    rows = (r * K1 + offs_j)[:, None] * stride_pr
+    # Two passes over the splits, BLOCK_S at a time, so that neither the registers nor the binary depend on the
+    # split count (2 per SM: 264 on an H100): the maximum and its lowest index, then the sum of exponentials.
+    row_max = tl.full((BLOCK_J,), float("-inf"), dtype=tl.float32)
+    row_arg = tl.full((BLOCK_J,), _INT32_MAX, dtype=tl.int32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_j[:, None] & (offs_s < S)[None, :]
+        pmax = tl.load(pmax_ptr + rows + offs_s[None, :], mask=mask, other=float("-inf"))
+        parg = tl.load(parg_ptr + rows + offs_s[None, :], mask=mask, other=_INT32_MAX)
+        chunk_max = tl.max(pmax, axis=1)
+        # Splits cover increasing vocabulary ranges and each holds its own lowest argmax, so the lowest index over
+        # the tied splits of the first chunk that reaches the maximum is the global lowest index.
+        chunk_arg = tl.min(tl.where(pmax == chunk_max[:, None], parg, _INT32_MAX), axis=1)
+        row_arg = tl.where(chunk_max > row_max, chunk_arg, row_arg)
+        row_max = tl.maximum(row_max, chunk_max)
     # Padded rows (j > k) get a 0 maximum, not -inf, so that exp(-inf - max) stays a clean 0.
-    row_max = tl.where(mask_j, tl.max(pmax, axis=1), 0.0)
-    # Splits cover increasing vocabulary ranges and each holds its own lowest argmax, so the lowest
-    # index over the tied splits is the global lowest index.
-    row_arg = tl.min(tl.where(pmax == row_max[:, None], parg, _INT32_MAX), axis=1)
-    total = tl.where(mask_j, tl.sum(psum * tl.exp(pmax - row_max[:, None]), axis=1), 1.0)
+    row_max = tl.where(mask_j, row_max, 0.0)
+    total = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_j[:, None] & (offs_s < S)[None, :]
+        pmax = tl.load(pmax_ptr + rows + offs_s[None, :], mask=mask, other=float("-inf"))
+        psum = _load_or_zero(psum_ptr + rows + offs_s[None, :], mask)
+        total += tl.sum(psum * tl.exp(pmax - row_max[:, None]), axis=1)
+    total = tl.where(mask_j, total, 1.0)
     # exp(max - logsumexp) = 1 / sum(exp(l - max)): one division, no log/exp round trip.
     conf = 1.0 / total
     tl.store(ids_ptr + r * stride_ir + offs_j * stride_ij, row_arg.to(tl.int64), mask=mask_j)
     tl.store(conf_ptr + r * stride_cr + offs_j * stride_cj, conf, mask=mask_j)
 
     if TOP_M > 1:
-        # Each split's TOP_M best, flattened as c = split * TOP_M + slot, merged by the same rule.
-        offs_c = tl.arange(0, BLOCK_C)
-        cmask = mask_j[:, None] & (offs_c < S * TOP_M)[None, :]
-        cpart = (r * K1 + offs_j)[:, None] * stride_tr + offs_c[None, :]
-        cand_v = tl.load(ptopv_ptr + cpart, mask=cmask, other=float("-inf"))
-        cand_i = tl.load(ptopi_ptr + cpart, mask=cmask, other=_INT32_MAX)
+        # Each split's TOP_M best, flattened as c = split * TOP_M + slot, merged by the same rule, BLOCK_C at a
+        # time: all 1,056 candidates of 264 splits at once spilled 1-4 KB per thread on sm_90 (k = 4, top-m 4).
         slots = tl.arange(0, BLOCK_T)
         top_v = tl.full((BLOCK_J, BLOCK_T), float("-inf"), dtype=tl.float32)
         top_i = tl.full((BLOCK_J, BLOCK_T), _INT32_MAX, dtype=tl.int32)
-        top_v, top_i = _merge_top(top_v, top_i, cand_v, cand_i, slots, TOP_M)
+        for c0 in range(0, S * TOP_M, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            cmask = mask_j[:, None] & (offs_c < S * TOP_M)[None, :]
+            cpart = (r * K1 + offs_j)[:, None] * stride_tr + offs_c[None, :]
+            cand_v = tl.load(ptopv_ptr + cpart, mask=cmask, other=float("-inf"))
+            cand_i = tl.load(ptopi_ptr + cpart, mask=cmask, other=_INT32_MAX)
+            top_v, top_i = _merge_top(top_v, top_i, cand_v, cand_i, slots, TOP_M)
         top_p = tl.exp(top_v - row_max[:, None]) / total[:, None]
         # Head rows only (j >= 1) go out, as [R, k, TOP_M].
         tout = r * stride_tor + (offs_j - 1)[:, None] * stride_toj + slots[None, :]
@@ -372,21 +389,30 @@ def _merge_clp_kernel(
     tl.store(accept_ptr + r + offs_j * 0, tl.zeros((BLOCK_J,), dtype=tl.int64) + accept, mask=offs_j == 0)
 
 
-def _config(device: torch.device, n_rows: int, V: int, H: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and vocabulary splits for the LM-head pass.
+def _config(device: DeviceProps | torch.device, n_rows: int, V: int, H: int, dtype: torch.dtype) -> dict:
+    """Tile sizes, vocabulary splits, warps and stages of the LM-head pass on ``device``.
+
+    ``device`` is a :class:`~clp_fast.kernels.device.DeviceProps` (a ``torch.device`` is read through ``props_of``), so
+    the choice for a named GPU can be computed on a machine without one.
 
     GPU: 16..64 rows per block (decode is memory-bound up to ~200 rows on an H200, so one block reads W
     once), 64-token vocabulary tiles and enough splits for two programs per SM. Interpreter (CPU): big
     tiles, since each Triton op costs Python overhead there, and a few splits so the merge is exercised.
     """
+    props = device if isinstance(device, DeviceProps) else props_of(device)
     n_tiles_of = lambda bv: triton.cdiv(V, bv)  # noqa: E731
-    if device.type == "cuda":
-        block_m = min(max(16, triton.next_power_of_2(n_rows)), 64)
+    if props.is_gpu:
+        # Compiled for sm_80 and sm_90 at every launch of tests/test_kernels_compile.py (Triton 3.9), none spills:
+        # 16-bit: 8 warps over 64-wide K steps, 4 stages (54-161 registers, 30-65 KB shared memory); fp32 (an
+        # "ieee" FMA dot, compute-bound past a few rows): 16 rows, 32-wide K steps, 3 stages. The earlier 4 warps
+        # x 128 (fp32: x 64, up to 64 rows) spilled 4-32 bytes per thread at 80-168 registers, ptxas trading
+        # spills for occupancy, and fp32 at 64 rows with top-m 4 1.8 KB at 255 registers.
+        wide = dtype != torch.float32
+        block_m = min(max(16, triton.next_power_of_2(n_rows)), 64) if wide else 16
         block_v = 64
-        block_k = 64 if dtype == torch.float32 else 128
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * n_sm, triton.cdiv(n_rows, block_m))
-        num_warps, num_stages = 4, 3 if dtype == torch.float32 else 4
+        block_k = 64 if wide else 32
+        want = triton.cdiv(2 * props.sm_count, triton.cdiv(n_rows, block_m))
+        num_warps, num_stages = 8, 4 if wide else 3
     else:
         block_m = min(max(16, triton.next_power_of_2(n_rows)), 128)
         block_v = 128 if V <= 16384 else 2048
@@ -481,11 +507,39 @@ def fused_heads(
         if t.device != hidden.device:
             raise ValueError(f"all tensors must be on {hidden.device}, found one on {t.device}")
 
-    dev = hidden.device
-    K1 = k + 1
     # Triton 3.9's interpreter mis-evaluates tl.dot on bf16 operands (garbage of order 1e10); upcasting to
     # fp32 first gives the same numbers a bf16 x bf16 -> fp32 MMA gives, since bf16 products are exact in fp32.
-    interpret = dev.type != "cuda" or os.environ.get("TRITON_INTERPRET", "") == "1"
+    interpret = hidden.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "") == "1"
+    done, launches = _launches(hidden, head_weight, head_bias, lm_head_weight, clp_weight if has_clp else None,
+                               clp_bias, threshold, Vd, top_m, props_of(hidden.device), interpret)  # fmt: skip
+    for kernel, grid, args, meta in launches:
+        kernel[grid](*args, **meta)
+
+    if os.environ.get("CLP_FAST_DEBUG", "") == "1":
+        conf = done[1]
+        bad = (~torch.isfinite(conf)).nonzero()
+        if bad.numel():
+            r, j = bad[0].tolist()
+            raise ValueError(
+                f"fused_heads: logit row (row {r}, head {j}) holds NaN or inf (conf={conf[r, j].item()}); "
+                f"{bad.shape[0]} such rows in all"
+            )
+    return done
+
+
+def _launches(hidden, head_weight, head_bias, lm_head_weight, clp_weight, clp_bias, threshold, Vd, top_m,
+              props: DeviceProps, interpret: bool) -> tuple[tuple[torch.Tensor, ...], list]:
+    """The outputs of one :func:`fused_heads` call and its launches, in order, as ``(kernel, grid, args, meta)``.
+
+    Arguments as :func:`fused_heads` (already checked; ``clp_weight`` None means no CLP). Allocates only: on
+    ``device="meta"`` tensors it is what ``tests/test_kernels_compile.py`` compiles for a named GPU, so the
+    ahead-of-time check sees the very arguments (and so the specialization) a launch would pass.
+    """
+    R, H = hidden.shape
+    k, V = head_weight.shape[0], lm_head_weight.shape[0]
+    dev = hidden.device
+    K1 = k + 1
+    has_clp = clp_weight is not None
     ids = torch.empty((R, K1), dtype=torch.int64, device=dev)
     conf = torch.empty((R, K1), dtype=torch.float32, device=dev)
     accept = torch.empty((R,), dtype=torch.int64, device=dev)
@@ -493,8 +547,9 @@ def fused_heads(
     top_p = torch.empty((R, k, top_m), dtype=torch.float32, device=dev)
     done = (ids, conf, accept) if top_m == 1 else (ids, conf, accept, top_ids, top_p)
     if R == 0:
-        return done
+        return done, []
 
+    launches = []
     if k == 0:
         # The only logit row is the backbone's: read hidden in place, no copy.
         z = hidden
@@ -505,21 +560,21 @@ def fused_heads(
             # Python overhead per Triton op dominates the interpreter: whole-H blocks make it one dot per head
             # (Qwen2.5-0.5B shape: 16 s -> well under 1 s on 2 CPU cores).
             block_n = block_c = min(max(16, triton.next_power_of_2(H)), 1024)
-        grid = (triton.cdiv(R, block_r), triton.cdiv(H, block_n), K1)
-        _head_hidden_kernel[grid](
+        launches.append((_head_hidden_kernel, (triton.cdiv(R, block_r), triton.cdiv(H, block_n), K1), (
             hidden, head_weight, head_bias, z3,
             R, H,
             hidden.stride(0), hidden.stride(1),
             head_weight.stride(0), head_weight.stride(1), head_weight.stride(2),
             head_bias.stride(0), head_bias.stride(1),
             z3.stride(0), z3.stride(1), z3.stride(2),
+        ), dict(
             BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_c,
             FP32_DOT=hidden.dtype == torch.float32 or head_weight.dtype != hidden.dtype or interpret,
-        )  # fmt: skip
+        )))  # fmt: skip
         z = z3.view(R * K1, H)
 
     n_rows = R * K1
-    cfg = _config(dev, n_rows, V, H, hidden.dtype)
+    cfg = _config(props, n_rows, V, H, hidden.dtype)
     S = cfg["n_splits"]
     pmax = torch.empty((n_rows, S), dtype=torch.float32, device=dev)
     parg = torch.empty((n_rows, S), dtype=torch.int32, device=dev)
@@ -528,42 +583,37 @@ def fused_heads(
     m_eff = top_m if k else 1
     ptopv = torch.empty((n_rows, S, m_eff) if m_eff > 1 else (1, 1, 1), dtype=torch.float32, device=dev)
     ptopi = torch.empty(ptopv.shape, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), S)
-    _fused_heads_kernel[grid](
+    launches.append((_fused_heads_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]), S), (
         z, lm_head_weight, pmax, parg, psum, ptopv, ptopi,
         n_rows, V, Vd, K1, H, cfg["tiles_per_split"],
         z.stride(0), z.stride(1),
         lm_head_weight.stride(0), lm_head_weight.stride(1),
         pmax.stride(0), ptopv.stride(0), ptopv.stride(1),
+    ), dict(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
         FP32_DOT=hidden.dtype == torch.float32 or interpret,
         TOP_M=m_eff, BLOCK_T=max(2, triton.next_power_of_2(m_eff)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+    )))  # fmt: skip
 
-    cw = clp_weight if has_clp else pmax  # any tensor: never read when HAS_CLP is False
-    cb = clp_bias if has_clp else pmax
-    _merge_clp_kernel[(R,)](
-        pmax, parg, psum, ptopv, ptopi, hidden, cw, cb, ids, conf, accept, top_ids, top_p,
+    # Any tensor when HAS_CLP is False (never read): pmax, so that the no-CLP merge is one binary for every dtype.
+    h, cw, cb = (hidden, clp_weight, clp_bias) if has_clp else (pmax, pmax, pmax)
+    launches.append((_merge_clp_kernel, (R,), (
+        pmax, parg, psum, ptopv, ptopi, h, cw, cb, ids, conf, accept, top_ids, top_p,
         K1, S, H, float(threshold),
         pmax.stride(0), ptopv.stride(0), top_ids.stride(0), top_ids.stride(1),
-        hidden.stride(0), hidden.stride(1),
+        h.stride(0), h.stride(1),
         cw.stride(0), cw.stride(1), cb.stride(0),
         ids.stride(0), ids.stride(1), conf.stride(0), conf.stride(1),
+    ), dict(
         BLOCK_J=max(2, triton.next_power_of_2(K1)),
-        BLOCK_S=max(2, triton.next_power_of_2(S)),
+        # Chunks of the merge loops: one binary for every split count, and bounded registers. 8 warps: at 4, ptxas
+        # spilled 4 bytes at 128 registers (8 rows x 256 top-m candidates, sm_90); at 8, no unit spills.
+        BLOCK_S=64,
         BLOCK_H=min(triton.next_power_of_2(H), 1024),
         HAS_CLP=has_clp,
         TOP_M=m_eff, BLOCK_T=max(2, triton.next_power_of_2(m_eff)),
-        BLOCK_C=max(2, triton.next_power_of_2(S * m_eff)),
-    )  # fmt: skip
-
-    if os.environ.get("CLP_FAST_DEBUG", "") == "1":
-        bad = (~torch.isfinite(conf)).nonzero()
-        if bad.numel():
-            r, j = bad[0].tolist()
-            raise ValueError(
-                f"fused_heads: logit row (row {r}, head {j}) holds NaN or inf (conf={conf[r, j].item()}); "
-                f"{bad.shape[0]} such rows in all"
-            )
-    return done
+        BLOCK_C=256 if m_eff > 1 else 2,
+        num_warps=8,
+    )))  # fmt: skip
+    return done, launches

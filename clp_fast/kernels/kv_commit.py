@@ -111,12 +111,21 @@ def commit_kv_span_(
     if max_n == 0:
         return
 
+    grid, args, meta = _launch(cache_k, cache_v, new_k, new_v, row_offsets, span_lengths, max_n)
+    _kv_commit_kernel[grid](*args, **meta)
+
+
+def _launch(cache_k, cache_v, new_k, new_v, row_offsets, span_lengths, max_n: int) -> tuple[tuple, tuple, dict]:
+    """Grid, arguments and meta-parameters of the commit launch for spans of at most ``max_n`` positions.
+
+    Arguments as :func:`commit_kv_span_` (already checked). No device property enters: each program copies
+    one (layer, row, kv-head)'s span block, with nothing to size against SMs or shared memory (it uses none).
+    Works on ``device="meta"`` tensors: ``tests/test_kernels_compile.py`` compiles exactly this launch.
+    """
+    L, B, KVH, _, D = cache_k.shape
     block_t = min(triton.next_power_of_2(max_n), 16)
     grid = (L * B * KVH, triton.cdiv(max_n, block_t))
-    _kv_commit_kernel[grid](
-        cache_k, cache_v, new_k, new_v, row_offsets, span_lengths,
-        B, KVH, D,
-        *cache_k.stride(), *cache_v.stride(), *new_k.stride(), *new_v.stride(),
-        BLOCK_T=block_t,
-        BLOCK_D=triton.next_power_of_2(D),
-    )  # fmt: skip
+    args = (cache_k, cache_v, new_k, new_v, row_offsets, span_lengths,
+            B, KVH, D,
+            *cache_k.stride(), *cache_v.stride(), *new_k.stride(), *new_v.stride())  # fmt: skip
+    return grid, args, dict(BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(D))
