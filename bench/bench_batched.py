@@ -16,6 +16,7 @@ is recorded at the start and end, and a contention probe (``machine.contention_p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import PeakRSS, contention_probe, loadavg, machine_info, result_stem  # noqa: E402
-from methods import stop_ids  # noqa: E402
+from methods import COMPILED, compiled_graphs, compiled_hf_greedy, stop_ids  # noqa: E402
 
 import clp_fast  # noqa: E402
 from clp_fast import metrics  # noqa: E402
@@ -41,8 +42,17 @@ HF = "hf greedy"
 METHODS = ("greedy", "lossless", "lossless-fixed")
 
 
-def make_runs(model, heads, eos: list[int], pad: int, names: list[str]) -> dict:
-    """name -> ``run(ids, mask, n) -> (out, info)``; transformers' greedy always first."""
+class _NoCounter:
+    """compiled_hf_greedy pauses a forward counter around its calls; this bench counts no forwards."""
+
+    @contextlib.contextmanager
+    def paused(self):
+        yield
+
+
+def make_runs(model, heads, eos: list[int], pad: int, names: list[str], compiled_cache_len: int | None = None) -> dict:
+    """name -> ``run(ids, mask, n) -> (out, info)``; transformers' greedy always first, then (with
+    ``compiled_cache_len``) its compiled peer: static cache of that length, inductor freezing (see methods.py)."""
     from transformers import GenerationConfig
 
     def hf(ids, mask, n):
@@ -60,7 +70,16 @@ def make_runs(model, heads, eos: list[int], pad: int, names: list[str]) -> dict:
 
     table = {"greedy": ours("greedy"), "lossless": ours("lossless"),
              "lossless-fixed": ours("lossless", speculation="fixed", max_step_tokens=MAX_STEP_TOKENS)}
-    return {HF: hf, **{n: table[n] for n in names}}
+    peer = {}
+    if compiled_cache_len:
+        compiled = compiled_hf_greedy(model, eos, pad, _NoCounter(), compiled_cache_len).run
+
+        def peer_run(ids, mask, n):
+            before = compiled_graphs()
+            out, _ = compiled(ids, mask, n)
+            return out, {"compiled": compiled_graphs() - before}  # > 0: this call compiled (shown, not hidden)
+        peer = {COMPILED: peer_run}
+    return {HF: hf, **peer, **{n: table[n] for n in names}}
 
 
 def run_cell(runs: dict, ids, mask, n: int, eos: list[int], rep: int, mem: PeakRSS) -> dict:
@@ -82,6 +101,8 @@ def run_cell(runs: dict, ids, mask, n: int, eos: list[int], rep: int, mem: PeakR
     for name in res:
         res[name]["rows_equal_hf"] = sum(a == b for a, b in zip(gens[name], gens[HF]))
         res[name]["ratio"] = res[name]["tokens_per_s"] / res[HF]["tokens_per_s"]
+        if COMPILED in res:
+            res[name]["ratio_compiled"] = res[name]["tokens_per_s"] / res[COMPILED]["tokens_per_s"]
     return res
 
 
@@ -105,6 +126,8 @@ def summarize(cells: dict[int, list[dict]]) -> list[dict]:
                    "tokens_per_s_median": statistics.median(tps), "ratio_min": min(ratios),
                    "ratio_median": statistics.median(ratios), "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
                    "rows_equal_hf": sum(r["rows_equal_hf"] for r in rs) / (B * len(rs))}
+            if "ratio_compiled" in rs[0]:
+                row["ratio_compiled_median"] = statistics.median(r["ratio_compiled"] for r in rs)
             if "tau" in rs[0]:
                 row["tau"] = statistics.mean(r["tau"] for r in rs)
                 row["fed_per_step"] = statistics.mean(r["fed_per_step"] for r in rs)
@@ -113,13 +136,15 @@ def summarize(cells: dict[int, list[dict]]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    out = ["| B | method | tok/s min / median | vs hf greedy min / median | fed per forward | tau | peak RSS MiB "
-           "| rows = hf |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| B | method | tok/s min / median | vs hf greedy min / median | vs compiled (median) | fed per forward "
+           "| tau | peak RSS MiB | rows = hf |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         fed = f"{r['fed_per_step']:.2f}" if "fed_per_step" in r else "–"
         tau = f"{r['tau']:.2f}" if "tau" in r else "–"
+        vs_c = f"{r['ratio_compiled_median']:.2f}x" if "ratio_compiled_median" in r else "–"
         out.append(f"| {r['B']} | {r['method']} | {r['tokens_per_s_min']:.1f} / {r['tokens_per_s_median']:.1f} | "
-                   f"{r['ratio_min']:.2f}x / {r['ratio_median']:.2f}x | {fed} | {tau} | {r['peak_rss_mib']:.0f} | "
+                   f"{r['ratio_min']:.2f}x / {r['ratio_median']:.2f}x | {vs_c} | {fed} | {tau} | "
+                   f"{r['peak_rss_mib']:.0f} | "
                    f"{r['rows_equal_hf']:.0%} |")
     return "\n".join(out)
 
@@ -136,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compiled-peer", action=argparse.BooleanOptionalAction, default=False,
+                   help="also transformers greedy + torch.compile (static cache, freezing); compiles once per B "
+                        "in the warm-up (~1.5 min each on 2 cores), ratios to it in the table")
     p.add_argument("--prompts", default="humaneval", choices=["humaneval", "mixed"],
                    help="humaneval (uniform code batches) or mixed: HumanEval prompts and English prose of three "
                         "lengths (~150 / 400 / 1200 characters) drawn together, so batches are ragged and left-padded")
@@ -154,8 +182,9 @@ def main(argv=None) -> int:
         heads = default_heads_for(model)
     heads = heads.truncated(min(args.k, heads.k))
     eos, pad = stop_ids(model, tok), tok.pad_token_id if tok.pad_token_id is not None else 0
-    runs = make_runs(model, heads, eos, pad, args.methods)
     pool = prompt_pool(args.prompts, args.seed)
+    cache_len = max(len(tok(t)["input_ids"]) for t in pool) + args.new_tokens if args.compiled_peer else None
+    runs = make_runs(model, heads, eos, pad, args.methods, cache_len)
     rng = random.Random(args.seed)
     mem = PeakRSS()
     probe = contention_probe()
