@@ -26,7 +26,7 @@ from clp_fast.cost import StepCost, step_cost
 from clp_fast.heads import MTPHeads
 from clp_fast.model import NativeBackbone, StaticKVCache
 from clp_fast.prepare import MODES, POLICIES, _check_inputs, _start, _tree_setup  # noqa: F401
-from clp_fast.speculation import SOURCES, HeadsWorth, RowAcceptance, select_nodes
+from clp_fast.speculation import SOURCES, HeadsWorth, RowAcceptance, SpeculationWorth, select_nodes
 from clp_fast.tree import (  # noqa: F401
     FED_TOKEN_COST,
     TreeCalibration,
@@ -318,6 +318,7 @@ def generate(
         cost = cost_model if cost_model is not None else step_cost(bb)
         spec_calib = heads.tree_calibration or TreeCalibration.uncalibrated(heads.k)
         acceptance, heads_worth, step_has_heads = RowAcceptance(B), HeadsWorth(), True
+        spec_worth = SpeculationWorth()
     streaming.put_prompt(streamer, input_ids)
     step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold, top_m)
     contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
@@ -352,6 +353,7 @@ def generate(
             if bool(done.all()):
                 break
         active = ~done
+        t_step = time.perf_counter()
         if mode == "lossless":
             max_guesses = (remaining - 1).clamp(min=0)
             if max_step_tokens and not adaptive:  # fewer guesses keep the output; in clp mode they would change it
@@ -359,9 +361,12 @@ def generate(
             if adaptive:
                 tries = _lossless_tries(step, contexts, prompt_lookup, max_guesses, active, spec_calib,
                                         all_heads=step_has_heads)
-                chosen, choice = select_nodes(tries, acceptance.factors(), cost, max_step_tokens or None)
+                # cap = active rows: no guesses, a greedy step (SpeculationWorth: when greedy is faster here)
+                speculate = spec_worth.want()
+                cap = (max_step_tokens or None) if speculate else int(active.sum())
+                chosen, choice = select_nodes(tries, acceptance.factors(), cost, cap)
                 tree = _make_tree(chosen, dev)
-                if step_has_heads:
+                if step_has_heads and speculate:
                     heads_worth.observe_gain(choice["by_source"][SOURCES.index("heads")], choice["expected"])
             elif top_m > 1:
                 tree = _topm_tree(step, contexts, prompt_lookup, max_guesses.clamp(max=TREE_MAX_GUESSES), active,
@@ -420,6 +425,8 @@ def generate(
         backend.commit_kv_span_(cache.k, cache.v, torch.take_along_dim(new_k, sel, dim=3),
                                 torch.take_along_dim(new_v, sel, dim=3), cache.lengths, cnt)
         cache.lengths += cnt
+        if adaptive:
+            spec_worth.observe(bool((tree.n_fed > 1).any()), int(cnt.sum()), time.perf_counter() - t_step)
         _append(out, produced, path, cnt)
         streaming.put_tokens(streamer, path, cnt)
         done |= hit_eos & active | (produced >= max_new_tokens)

@@ -311,3 +311,24 @@ def test_heads_are_not_computed_while_no_head_guess_pays(monkeypatch):
                               eos_token_id=[], pad_token_id=0, return_stats=True,
                               cost_model=StepCost(FLAT, learn=False))
     assert len(calls) == st.forward_passes - 1  # every guess pays (free tokens): the heads run after every step
+
+
+def test_speculation_worth_follows_the_faster_kind_and_probes_the_other():
+    """Speculation first; greedy probed after PROBE_EVERY steps; then the faster kind, the slower one probed
+    again every PROBE_EVERY steps (4x as rarely when it loses by more than 25 %)."""
+    from clp_fast.speculation import PROBE_EVERY, SpeculationWorth
+
+    w = SpeculationWorth()
+    assert w.want()
+    w.observe(True, 16, 1.0)  # speculating: 16 tokens/s
+    first = [w.want() for _ in range(PROBE_EVERY + 1)]
+    assert first == [True] * PROBE_EVERY + [False]  # greedy probed once
+    w.observe(False, 30, 1.0)  # greedy: 30 tokens/s, > 25 % faster
+    picks = [w.want() for _ in range(4 * PROBE_EVERY + 1)]
+    assert picks == [False] * (4 * PROBE_EVERY) + [True]  # greedy wins; speculation re-probed rarely
+    w.observe(True, 300, 1.0)  # the batch changed: speculation now far faster (EMA moves toward it)
+    w.observe(True, 300, 1.0)
+    assert w.rate[True] > w.rate[False] and w.want()
+    w.observe(True, 0, 1.0)  # nothing committed: ignored
+    w.observe(False, 5, 0.0)  # no time: ignored
+    assert w.rate[False] == 30.0
