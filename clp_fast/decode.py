@@ -318,7 +318,7 @@ def generate(
         cost = cost_model if cost_model is not None else step_cost(bb)
         spec_calib = heads.tree_calibration or TreeCalibration.uncalibrated(heads.k)
         acceptance, heads_worth, step_has_heads = RowAcceptance(B), HeadsWorth(), True
-        spec_worth = SpeculationWorth()
+        spec_worth = SpeculationWorth(enabled=cost.learn)  # a fixed cost model (tests) decides alone
     streaming.put_prompt(streamer, input_ids)
     step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold, top_m)
     contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
@@ -359,15 +359,16 @@ def generate(
             if max_step_tokens and not adaptive:  # fewer guesses keep the output; in clp mode they would change it
                 max_guesses = max_guesses.clamp(max=max(1, max_step_tokens // int(active.sum()) - 1))
             if adaptive:
-                tries = _lossless_tries(step, contexts, prompt_lookup, max_guesses, active, spec_calib,
-                                        all_heads=step_has_heads)
-                # cap = active rows: no guesses, a greedy step (SpeculationWorth: when greedy is faster here)
-                speculate = spec_worth.want()
-                cap = (max_step_tokens or None) if speculate else int(active.sum())
-                chosen, choice = select_nodes(tries, acceptance.factors(), cost, cap)
-                tree = _make_tree(chosen, dev)
-                if step_has_heads and speculate:
-                    heads_worth.observe_gain(choice["by_source"][SOURCES.index("heads")], choice["expected"])
+                if spec_worth.want():
+                    tries = _lossless_tries(step, contexts, prompt_lookup, max_guesses, active, spec_calib,
+                                            all_heads=step_has_heads)
+                    chosen, choice = select_nodes(tries, acceptance.factors(), cost, max_step_tokens or None)
+                    tree = _make_tree(chosen, dev)
+                    if step_has_heads:
+                        heads_worth.observe_gain(choice["by_source"][SOURCES.index("heads")], choice["expected"])
+                else:  # greedy is faster at this batch (SpeculationWorth): the pending tokens alone
+                    tree = _make_tree([([p], [-1], [1.0], [-1]) if live else ([], [], [], [])
+                                       for p, live in zip(step.pending.tolist(), active.tolist())], dev)
             elif top_m > 1:
                 tree = _topm_tree(step, contexts, prompt_lookup, max_guesses.clamp(max=TREE_MAX_GUESSES), active,
                                   calib, FED_TOKEN_COST, dev)
@@ -394,7 +395,7 @@ def generate(
             if adaptive and dev.type == "cpu":  # the forward and its logit rows, as the cost model measured them
                 cost.observe(int(tree.n_fed.sum()), time.perf_counter() - t_fwd)
             best = _verify(ids, tree, mode)  # [B] deepest accepted node
-            if split and adaptive and not heads_worth.want():  # the heads' guesses do not pay: lookup only
+            if split and adaptive and not (heads_worth.want() and spec_worth.winning()):  # lookup guesses only
                 none = torch.zeros_like(step.drafts)
                 next_step = _Step(ids[rows, best, 0], none, none[:, 0], conf=none.float())
                 step_has_heads = False

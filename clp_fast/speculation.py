@@ -103,22 +103,29 @@ class SpeculationWorth:
     greedy ran 1.59x (issue 26). So tokens committed per second are kept, as an EMA, for steps that fed guesses
     and for steps that did not; the faster kind decodes, and the slower one is probed again every
     ``PROBE_EVERY`` steps (``4 * PROBE_EVERY`` while it loses by more than 25 %, so a clear winner pays for few
-    probes). Decoding starts by speculating, as the cost model chooses.
+    probes). Decoding starts by speculating, as the cost model chooses, and probes greedy at its third step.
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled  # off: always speculate as the cost model says (a fixed model, e.g. in tests)
         self.rate: dict[bool, float | None] = {True: None, False: None}  # tokens/s, speculating or not
         self.since_loser = 0
 
     def want(self) -> bool:
         """Speculate in the next step?"""
         spec, greedy = self.rate[True], self.rate[False]
-        if spec is None:
+        if not self.enabled or spec is None:
             return True
-        if greedy is None:  # greedy not measured yet: speculate, and measure it after PROBE_EVERY steps
-            return self._pick(True, PROBE_EVERY)
+        if greedy is None:  # greedy not measured yet: one more speculative step, then measure it (a short decode
+            return self._pick(True, 1)  # of a large batch has few steps to learn in)
         margin = max(spec, greedy) / max(min(spec, greedy), 1e-9)
         return self._pick(spec >= greedy, PROBE_EVERY * (4 if margin > 1.25 else 1))
+
+    def winning(self) -> bool:
+        """Whether speculation is (as far as measured) the faster kind: where it is not, the next steps are
+        greedy and their guesses would go unused, so the heads need not run."""
+        spec, greedy = self.rate[True], self.rate[False]
+        return not self.enabled or spec is None or greedy is None or spec >= greedy
 
     def _pick(self, winner: bool, every: int) -> bool:
         """``winner``, except once every ``every`` steps the other kind (a probe)."""
