@@ -100,31 +100,39 @@ class SpeculationWorth:
     The cost model prices a step by its fed tokens, measured on one row against a short context; a ragged,
     left-padded batch also pays for attention over its padded context and for the tree's [B, T] layout, which
     it does not see: on mixed prose and code prompts at B = 16 lossless ran 1.23x transformers' greedy where
-    greedy ran 1.59x (issue 26). So tokens committed per second are kept, as an EMA, for steps that fed guesses
-    and for steps that did not; the faster kind decodes, and the slower one is probed again every
-    ``PROBE_EVERY`` steps (``4 * PROBE_EVERY`` while it loses by more than 25 %, so a clear winner pays for few
-    probes). Decoding starts by speculating, as the cost model chooses, and probes greedy at its third step.
+    greedy ran 1.59x (issue 26). So tokens committed per second are kept for the last ``WINDOW`` steps that fed
+    guesses and the last ``WINDOW`` that did not (sums over the window: one speculative step that accepts nothing
+    says little); the faster kind decodes, and the slower one is probed again every ``PROBE_EVERY`` steps
+    (``4 * PROBE_EVERY`` while it loses by more than 25 %, so a clear winner pays for few probes). Decoding
+    starts by speculating, as the cost model chooses, and probes greedy after ``FIRST_PROBE`` steps.
     """
+
+    WINDOW, FIRST_PROBE = 8, 3
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled  # off: always speculate as the cost model says (a fixed model, e.g. in tests)
-        self.rate: dict[bool, float | None] = {True: None, False: None}  # tokens/s, speculating or not
+        self.steps: dict[bool, list[tuple[int, float]]] = {True: [], False: []}  # (tokens, seconds), newest last
         self.since_loser = 0
+
+    def rate(self, speculated: bool) -> float | None:
+        """Tokens per second over the window of steps of that kind; None before the first."""
+        steps = self.steps[speculated]
+        return sum(t for t, _ in steps) / sum(s for _, s in steps) if steps else None
 
     def want(self) -> bool:
         """Speculate in the next step?"""
-        spec, greedy = self.rate[True], self.rate[False]
+        spec, greedy = self.rate(True), self.rate(False)
         if not self.enabled or spec is None:
             return True
-        if greedy is None:  # greedy not measured yet: one more speculative step, then measure it (a short decode
-            return self._pick(True, 1)  # of a large batch has few steps to learn in)
+        if greedy is None:  # not measured yet: a few speculative steps, then one greedy step
+            return self._pick(True, self.FIRST_PROBE)
         margin = max(spec, greedy) / max(min(spec, greedy), 1e-9)
         return self._pick(spec >= greedy, PROBE_EVERY * (4 if margin > 1.25 else 1))
 
     def winning(self) -> bool:
         """Whether speculation is (as far as measured) the faster kind: where it is not, the next steps are
         greedy and their guesses would go unused, so the heads need not run."""
-        spec, greedy = self.rate[True], self.rate[False]
+        spec, greedy = self.rate(True), self.rate(False)
         return not self.enabled or spec is None or greedy is None or spec >= greedy
 
     def _pick(self, winner: bool, every: int) -> bool:
@@ -139,8 +147,9 @@ class SpeculationWorth:
         """One step: whether it fed any guess, the tokens it committed over all rows, its wall time."""
         if tokens < 1 or not seconds > 0:
             return
-        r, old = tokens / seconds, self.rate[speculated]
-        self.rate[speculated] = r if old is None else old + 0.3 * (r - old)
+        steps = self.steps[speculated]
+        steps.append((tokens, seconds))
+        del steps[: -self.WINDOW]
 
 
 def _expected_returns(rows: list[tuple], factors: list[list[float]]) -> list[list[float]]:

@@ -314,22 +314,25 @@ def test_heads_are_not_computed_while_no_head_guess_pays(monkeypatch):
 
 
 def test_speculation_worth_follows_the_faster_kind_and_probes_the_other():
-    """Speculation first; greedy probed at the third step; then the faster kind, the slower one probed again
-    every PROBE_EVERY steps (4x as rarely when it loses by more than 25 %)."""
+    """Speculation first; greedy probed after FIRST_PROBE steps; then the faster kind by tokens/s summed over the
+    window, the slower one probed again every PROBE_EVERY steps (4x as rarely when it loses by more than 25 %)."""
     from clp_fast.speculation import PROBE_EVERY, SpeculationWorth
 
     w = SpeculationWorth()
+    first = w.FIRST_PROBE
     assert w.want()
     w.observe(True, 16, 1.0)  # speculating: 16 tokens/s
-    assert [w.want() for _ in range(2)] == [True, False]  # greedy probed once
+    assert [w.want() for _ in range(first + 1)] == [True] * first + [False]  # greedy probed once
     w.observe(False, 30, 1.0)  # greedy: 30 tokens/s, > 25 % faster
+    assert not w.winning()
     picks = [w.want() for _ in range(4 * PROBE_EVERY + 1)]
     assert picks == [False] * (4 * PROBE_EVERY) + [True]  # greedy wins; speculation re-probed rarely
-    w.observe(True, 300, 1.0)  # the batch changed: speculation now far faster (EMA moves toward it)
-    w.observe(True, 300, 1.0)
-    assert w.rate[True] > w.rate[False] and w.want()
+    for _ in range(w.WINDOW):  # the batch changed: speculation now far faster, and the window forgets the old
+        w.observe(True, 300, 1.0)
+    assert w.rate(True) == 300.0 and w.winning() and w.want()
     w.observe(True, 0, 1.0)  # nothing committed: ignored
     w.observe(False, 5, 0.0)  # no time: ignored
-    assert w.rate[False] == 30.0
-    w.observe(False, 1000, 1.0)
-    assert not w.winning() and w.rate[False] > w.rate[True]
+    assert w.rate(False) == 30.0 and w.rate(True) == 300.0
+    w.observe(False, 10, 2.0)  # a window is a sum: 40 tokens in 3 s
+    assert w.rate(False) == pytest.approx(40 / 3)
+    assert SpeculationWorth(enabled=False).want() and SpeculationWorth(enabled=False).winning()
