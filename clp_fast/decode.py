@@ -318,7 +318,9 @@ def generate(
         cost = cost_model if cost_model is not None else step_cost(bb)
         spec_calib = heads.tree_calibration or TreeCalibration.uncalibrated(heads.k)
         acceptance, heads_worth, step_has_heads = RowAcceptance(B), HeadsWorth(), True
-        spec_worth = SpeculationWorth(enabled=cost.learn)  # a fixed cost model (tests) decides alone
+        # The cost model was measured on one row: it prices a single row right, a ragged batch not always. A fixed
+        # model (tests) decides alone.
+        spec_worth = SpeculationWorth(enabled=cost.learn and B > 1)
     streaming.put_prompt(streamer, input_ids)
     step = _prefill(bb, cache, prompts, prompt_len, heads, mode, policy, threshold, top_m)
     contexts = [prompts[b, : int(prompt_len[b])].tolist() for b in range(B)] if prompt_lookup else []
