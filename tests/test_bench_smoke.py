@@ -73,7 +73,8 @@ def test_bench_end_to_end(smollm2, tmp_path):
         assert used.get(key) == shipped[key], (key, used.get(key), shipped[key])
     k = res["settings"]["heads_config"]["k"]
     ks = [j for j in (2, 3, 4) if j <= k]
-    want = (["hf-greedy", "hf-prompt-lookup", "clp_fast greedy"] + [f"clp_fast lossless k={j}" for j in ks]
+    want = (["hf-greedy", "hf-prompt-lookup", "clp_fast greedy", "clp_fast greedy, plain step"]
+            + [f"clp_fast lossless k={j}" for j in ks]
             + [f"clp_fast clp k={j}" for j in ks] + [f"gate k={k}"])
     assert res["methods"] == want
     assert [r["label"] for r in res["rows"]] == want

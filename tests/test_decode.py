@@ -255,8 +255,9 @@ def test_draft_vocabulary_reaches_the_heads_and_lossless_stays_exact(monkeypatch
 
     monkeypatch.setattr(decode, "_draft", spy)
     ids, mask = left_pad(PROMPTS)
+    # fixed speculation: the heads run every step (adaptive may find greedy steps faster on this machine, issue 26)
     got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=16, mode="lossless",
-                            eos_token_id=[], pad_token_id=0, prompt_lookup=0)
+                            eos_token_id=[], pad_token_id=0, prompt_lookup=0, speculation="fixed")
     assert_equal_ids(got, hf_greedy(model, ids, mask, 16))
     drafted = torch.cat([s for s in seen if s.shape[1] == 4])  # calls with the heads (others: backbone rows only)
     assert drafted.shape[0] >= 16, drafted.shape
