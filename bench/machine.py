@@ -9,11 +9,11 @@ import os
 import platform
 import resource
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from gitinfo import git_commit  # noqa: F401  (re-exported: benches import it from here)
 
 import clp_fast
 
@@ -33,17 +33,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "nogit"
 
 
 def machine_info() -> dict:

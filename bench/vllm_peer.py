@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from gitinfo import git_commit  # noqa: E402  (standard library only: safe in vLLM's venv)
+
 SCHEMA = "clp_fast.bench.vllm/1"
 CONFIGS = ("hf", "greedy", "ngram")
 LABELS = {"hf": "transformers greedy (eager, this venv)", "greedy": "vLLM greedy", "ngram": "vLLM n-gram"}
@@ -42,17 +45,6 @@ def cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:
         if t in eos:
             return ids[: i + 1]
     return ids
-
-
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "nogit"
 
 
 def _cpu_model() -> str:
@@ -191,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = pf["prompts"][: args.max_prompts] if args.max_prompts else pf["prompts"]
     n = args.max_new_tokens or pf["max_new_tokens"]
     started = _dt.datetime.now().isoformat(timespec="seconds")
-    commit = _git_commit()
+    commit = git_commit()
     stem = f"vllm-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{commit}"
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}" if args.threads > 1 else "0",
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
