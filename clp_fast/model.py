@@ -131,9 +131,8 @@ class NativeBackbone:
         mlp = self.layers[li].mlp
         if self.step is None:
             return mlp(x)
-        lw = self.step.layers[li]
-        gate, up = lw.gate_up(x).chunk(2, dim=-1)
-        return lw.down(mlp.act_fn(gate) * up)
+        gate, up = self.step.layers[li].gate_up(x).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)  # down stays plain (see clp_fast.packed.LayerWeights)
 
     def decode_step(self, tokens: torch.Tensor, cache: StaticKVCache, new_len: torch.Tensor,
                     depth: torch.Tensor | None = None, anc: torch.Tensor | None = None):

@@ -92,15 +92,16 @@ def rows(weight: torch.Tensor | PackedWeight, n: int) -> torch.Tensor | PackedWe
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's products: fused ``q|k|v`` and ``gate|up`` (one oneDNN call each), ``o`` packed, and
-    ``down``, the model's own module: packed, the K = 4,864 down projection of Qwen2.5-0.5B gave other bits than
-    ``F.linear`` on real activations at M = 1 (a bench prose prompt's greedy output diverged at token 24; random
-    inputs never showed it) and was only ~5 % faster (10.7 vs 11.2 ms per token for all 24 layers)."""
+    """One decoder layer's packed products: fused ``q|k|v`` and ``gate|up`` (one oneDNN call each) and ``o``.
+
+    The down projection is not packed (the model's own ``down_proj`` runs): packed, the K = 4,864 down projection
+    of Qwen2.5-0.5B gave other bits than ``F.linear`` on real activations at M = 1 (a bench prose prompt's greedy
+    output diverged at token 24; random inputs never showed it) and was only ~5 % faster (10.7 vs 11.2 ms per
+    token for all 24 layers)."""
 
     qkv: PackedWeight
     o: PackedWeight
     gate_up: PackedWeight
-    down: torch.nn.Module
 
 
 @dataclass
@@ -149,8 +150,7 @@ def _pack_layer(layer) -> LayerWeights:
                      plain=lambda h: torch.cat([a.q_proj(h), a.k_proj(h), a.v_proj(h)], dim=-1)),
         PackedWeight(a.o_proj.weight, a.o_proj.bias, plain=a.o_proj),
         PackedWeight(gate_up, _cat_bias(m.gate_proj, m.up_proj),
-                     plain=lambda x: torch.cat([m.gate_proj(x), m.up_proj(x)], dim=-1)),
-        m.down_proj)
+                     plain=lambda x: torch.cat([m.gate_proj(x), m.up_proj(x)], dim=-1)))
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
