@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from clp_fast.heads import MTPHeads
-from clp_fast.hub import load_model
+from clp_fast.models.hub import load_model
 from clp_fast.train.config import TrainConfig, atomic_write_text
 from clp_fast.train.fit import TrainableHeads, fit_heads
 from clp_fast.train.policies import chain_accuracy, head_accuracy, heldout_rows

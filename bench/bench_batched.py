@@ -33,10 +33,10 @@ from machine import PeakRSS, contention_probe, loadavg, machine_info, result_ste
 from methods import COMPILED, compiled_graphs, compiled_hf_greedy, stop_ids  # noqa: E402
 
 import clp_fast  # noqa: E402
-from clp_fast import metrics  # noqa: E402
-from clp_fast.data import humaneval_prompts, prose_prompts  # noqa: E402
-from clp_fast.decode import MAX_STEP_TOKENS  # noqa: E402
-from clp_fast.hub import load_model  # noqa: E402
+from clp_fast.engine import MAX_STEP_TOKENS  # noqa: E402
+from clp_fast.eval import metrics  # noqa: E402
+from clp_fast.eval.data import humaneval_prompts, prose_prompts  # noqa: E402
+from clp_fast.models.hub import load_model  # noqa: E402
 
 HF = "hf greedy"
 METHODS = ("greedy", "lossless", "lossless-fixed")

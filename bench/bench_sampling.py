@@ -27,8 +27,8 @@ from machine import git_commit, loadavg, machine_info, result_stem  # noqa: E402
 from methods import stop_ids  # noqa: E402
 
 import clp_fast  # noqa: E402
-from clp_fast import metrics  # noqa: E402
-from clp_fast.processed import sampling_processors  # noqa: E402
+from clp_fast.engine import sampling_processors  # noqa: E402
+from clp_fast.eval import metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -130,8 +130,8 @@ def summarize(acc: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from clp_fast.assets import default_heads_for
-    from clp_fast.data import humaneval_prompts
-    from clp_fast.hub import load_model
+    from clp_fast.eval.data import humaneval_prompts
+    from clp_fast.models.hub import load_model
 
     torch.set_num_threads(args.threads)
     stem = result_stem()

@@ -1,6 +1,6 @@
 """Lossless decoding with top-m draft trees vs the argmax chain, side by side with transformers.
 
-    python bench/bench_tree.py [--prompts 6] [--tokens 128] [--ks 2 4] [--ms 1 2 3 4] [--costs 0.06]
+    python bench/bench_tree.py [--prompts 6] [--tokens 128] [--ks 2 4] [--ms 1 2 3 4] [--speculation adaptive fixed]
 
 Qwen2.5-Coder-0.5B with its shipped heads (bf16, batch 1, 2 threads): per prompt, every method runs
 once, interleaved (hf greedy, hf prompt lookup, then clp_fast lossless with ``tree_top_m`` = each m at
@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 
 import clp_fast
-from clp_fast import decode
-from clp_fast import tree as tree_mod
 from clp_fast.assets import default_heads_for
-from clp_fast.hub import load_model
+from clp_fast.models.hub import load_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling bench modules
@@ -40,7 +38,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--costs", type=float, nargs="+", default=[tree_mod.FED_TOKEN_COST])
+    ap.add_argument("--speculation", nargs="+", default=["adaptive"], choices=["adaptive", "fixed"],
+                    help="how the tree's nodes are chosen: the measured cost model, or every grown guess")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -61,24 +60,18 @@ def main() -> None:
                                pad_token_id=pad, **extra)
         return lambda ids: (model.generate(ids, generation_config=cfg), None)
 
-    def ours(k, m, cost):
+    def ours(k, m, speculation):
         h = heads.truncated(k)
-
-        def run(ids):
-            saved, decode.FED_TOKEN_COST = decode.FED_TOKEN_COST, cost  # the tree rule's cost for this call
-            try:
-                return clp_fast.generate(model, ids, h, max_new_tokens=args.tokens, mode="lossless", eos_token_id=eos,
-                                         pad_token_id=pad, tree_top_m=m, return_stats=True)
-            finally:
-                decode.FED_TOKEN_COST = saved
-        return run
+        return lambda ids: clp_fast.generate(model, ids, h, max_new_tokens=args.tokens, mode="lossless",
+                                             eos_token_id=eos, pad_token_id=pad, tree_top_m=m, return_stats=True,
+                                             speculation=speculation)
 
     methods = {"hf-greedy": hf(), "hf-prompt-lookup": hf(prompt_lookup_num_tokens=10)}
     for k in args.ks:
         for m in args.ms:
-            for cost in (args.costs if m > 1 else [args.costs[0]]):
-                methods[f"lossless k={k} m={m}" + (f" cost={cost}" if m > 1 and len(args.costs) > 1 else "")] = \
-                    ours(k, m, cost)
+            for spec in args.speculation:
+                methods[f"lossless k={k} m={m}" + (f" {spec}" if len(args.speculation) > 1 else "")] = \
+                    ours(k, m, spec)
     with torch.inference_mode():
         for run in methods.values():  # warm-up
             run(prompts[0].ids[:, :32])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from clp_fast.heads import MTPHeads
-from clp_fast.hub import load_model
+from clp_fast.models.hub import load_model
 from clp_fast.train.calibrate import calibrate
 
 

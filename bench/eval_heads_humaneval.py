@@ -30,10 +30,10 @@ import torch
 
 import clp_fast
 from clp_fast import reference
-from clp_fast.data import humaneval_prompts
+from clp_fast.eval.data import humaneval_prompts
 from clp_fast.heads import MTPHeads
-from clp_fast.hub import load_model
-from clp_fast.model import NativeBackbone
+from clp_fast.models.hub import load_model
+from clp_fast.models.native import NativeBackbone
 from clp_fast.train.build import greedy, prefill
 from clp_fast.train.evaluate import chain_tau
 from clp_fast.train.policies import head_predictions, recall_at_precision

@@ -291,7 +291,7 @@ def e2e_hook() -> list[dict]:
             heads.clp.linear.bias.fill_(5.0)  # take every guess: the widest verify step
         prompt = torch.randint(0, cfg.vocab_size, (1, 128), device=DEV)
         res = {}
-        # The eager step against the CUDA-graph step (clp_fast.graphs); on the CPU the same bucketed static step
+        # The eager step against the CUDA-graph step (clp_fast.models.graphs); on the CPU the same bucketed static step
         # without the graph.
         for kind in ("eager", "graph" if DEV.type == "cuda" else "static"):
             os.environ["CLP_FAST_STEP"] = kind

@@ -166,7 +166,7 @@ class Prompt:
 
 def load_prompts(tok, n_humaneval: int, n_prose: int, seed: int) -> list[Prompt]:
     """A seeded subset of HumanEval (raw completion prompts) and of the stdlib prose set."""
-    from clp_fast.data import humaneval_prompts, prose_prompts
+    from clp_fast.eval.data import humaneval_prompts, prose_prompts
 
     out = []
     if n_humaneval:

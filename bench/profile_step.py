@@ -11,9 +11,13 @@ import torch
 from methods import Method, Prompt
 from report import _fmt
 
-from clp_fast import backend, decode, reference
+from clp_fast import backend, reference
+from clp_fast.drafts import heads as heads_src
+from clp_fast.engine import loop, verify
+from clp_fast.engine.loop import DecodeStats
+from clp_fast.engine.speculation import Speculator
 from clp_fast.heads import GatePolicy
-from clp_fast.model import NativeBackbone
+from clp_fast.models.native import NativeBackbone
 
 
 class StepTimers:
@@ -59,27 +63,27 @@ class StepTimers:
 PROFILED = [
     (NativeBackbone, "forward", "backbone forward"),
     (reference, "head_hidden", "MTP heads (h + SiLU(Wh+b))"),
-    (decode, "_draft", "LM head + argmax/softmax"),  # _draft's own time once heads and policy are taken out
+    (heads_src, "fused_rows", "LM head + argmax/softmax"),  # its own time once heads and policy are taken out
     (reference, "clp_accept_lengths", "CLP policy"),
     (GatePolicy, "accept_lengths", "gate policy"),
-    (decode, "_lossless_tree", "draft tree (lookup + trie)"),
-    (decode, "_chain_tree", "draft chain"),
-    (decode, "_verify", "verify"),
+    (loop, "draft", "draft trees (sources + grow)"),
+    (Speculator, "select", "cost model's choice"),
+    (verify, "accept_argmax", "verify"),
     (backend, "commit_kv_span_", "commit KV span"),
-    (decode, "_emit", "emit (budget/EOS)"),
-    (decode, "_append", "append output"),
-    (decode, "_count_accepts", "stats"),
+    (loop, "keep_tokens", "keep (budget/EOS)"),
+    (loop, "append_tokens", "append output"),
+    (DecodeStats, "count_accepts", "stats"),
 ]
 
 
 @contextlib.contextmanager
 def patched_timers(timers: StepTimers, model=None):
     """Wrap the engine's step functions (and, for HF, the model's forward) with ``timers``; restore after."""
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in PROFILED] + [(decode, "_prefill", decode._prefill)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in PROFILED] + [(loop, "prefill", loop.prefill)]
     try:
         for obj, name, bucket in PROFILED:
             setattr(obj, name, timers.wrap(bucket, getattr(obj, name)))
-        decode._prefill = timers.wrap_phase("prefill", decode._prefill)
+        loop.prefill = timers.wrap_phase("prefill", loop.prefill)
         if model is not None:
             model.forward = timers.wrap("HF model forward", model.forward)
         yield timers

@@ -7,7 +7,7 @@ threshold of the sweep (unverified guesses, the paper's mode) and ``gate@t`` (th
 Completions are generated in left-padded batches, in chunks of ``--chunk-tokens``, and stop at the end
 of the function (HumanEval's stop strings: a line at column 0 starting ``def``/``class``/``if``/
 ``print``/``#``); each completion, the problem's tests and ``check(entry_point)`` then run in
-:mod:`clp_fast.sandbox` (separate process, time/CPU/memory limits, temp dir, empty env, no network).
+:mod:`clp_fast.eval.sandbox` (separate process, time/CPU/memory limits, temp dir, empty env, no network).
 The canonical solutions run through the same sandbox as a harness check (they must all pass).
 
 Reported per method: pass@1 with a 95 % Wilson interval, the paired counts against greedy (greedy
@@ -51,8 +51,8 @@ from quality_report import (  # noqa: E402
 )
 
 import clp_fast  # noqa: E402
-from clp_fast import metrics  # noqa: E402
-from clp_fast.sandbox import Limits, run_python  # noqa: E402
+from clp_fast.eval import metrics  # noqa: E402
+from clp_fast.eval.sandbox import Limits, run_python  # noqa: E402
 
 SCHEMA = "clp_fast.quality/1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    from clp_fast.data import humaneval_problems
-    from clp_fast.hub import clp_home, load_model
+    from clp_fast.eval.data import humaneval_problems
+    from clp_fast.models.hub import clp_home, load_model
 
     problems = humaneval_problems() if args.full else humaneval_problems(args.n, args.seed)
     model, tok = load_model(args.model, dtype=args.dtype)

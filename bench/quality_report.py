@@ -6,8 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
-from clp_fast import metrics
-from clp_fast.stats import mcnemar_exact, paired_counts, wilson_interval
+from clp_fast.eval import metrics
+from clp_fast.eval.stats import mcnemar_exact, paired_counts, wilson_interval
 
 RULE = ("the fastest threshold (most tokens per forward over all problems) whose paired loss against greedy "
         "(problems greedy passes and it fails) is at most one problem")

@@ -9,7 +9,7 @@ from pathlib import Path
 from bandwidth import bandwidth_pct
 from methods import BASELINE, COMPILED, PROMPT_LOOKUP, Method
 
-from clp_fast import metrics
+from clp_fast.eval import metrics
 
 
 def summarize(methods: list[Method], records: list[dict], prompt_set: str | None = None) -> list[dict]:

@@ -76,7 +76,7 @@ from report import (  # noqa: E402
 )
 from timing import run_batched, run_single_stream, warm_up  # noqa: E402
 
-from clp_fast import metrics  # noqa: E402
+from clp_fast.eval import metrics  # noqa: E402
 
 SCHEMA = "clp_fast.bench/1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def run_exactness(args, model, tok, heads, eos, pad, counter) -> int:
 
 def write_prompts(args, model, tok) -> int:
     """``--write-prompts FILE``: the prompts this run would time, as token ids, for ``bench/vllm_peer.py``."""
-    from clp_fast.hub import resolve_model_path
+    from clp_fast.models.hub import resolve_model_path
 
     prompts = load_prompts(tok, args.n_humaneval, args.n_prose, args.seed)
     eos = stop_ids(model, tok)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = result_stem()  # named at the start: the commit the run began on, even if HEAD moves meanwhile
     from tqdm import tqdm
 
-    from clp_fast.hub import load_model
+    from clp_fast.models.hub import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype)
     if args.write_prompts and tok is not None:  # no heads needed

@@ -60,7 +60,7 @@ def rss_bytes() -> int:
 
 def source_tokens(tok) -> list[int]:
     """Token ids of a few stdlib modules: the pool that prompts are cut from."""
-    from clp_fast.data import stdlib_dir
+    from clp_fast.eval.data import stdlib_dir
 
     text = "\n".join((stdlib_dir() / f).read_text() for f in SOURCE_FILES if (stdlib_dir() / f).is_file())
     return tok(text)["input_ids"]
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0:
         p.error(f"--seconds {args.seconds} must be > 0")
     from clp_fast.assets import default_heads_for
-    from clp_fast.hub import load_model
+    from clp_fast.models.hub import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import BASELINE, ForwardCounter, make_methods, stop_ids  # noqa: E402
 
 import clp_fast  # noqa: E402
-from clp_fast import metrics  # noqa: E402
+from clp_fast.eval import metrics  # noqa: E402
 
 
 def _caps(text: str) -> list[int]:
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                 "must all be >= 1")
 
     from clp_fast.assets import default_heads_for
-    from clp_fast.data import humaneval_prompts
-    from clp_fast.hub import load_model
+    from clp_fast.eval.data import humaneval_prompts
+    from clp_fast.models.hub import load_model
 
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype="bf16")

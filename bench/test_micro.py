@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from clp_fast import backend, reference
-from clp_fast.model import NativeBackbone
+from clp_fast.models.native import NativeBackbone
 
 V, H = 151_936, 896  # Qwen2.5-0.5B LM head: 136M weights, over a fifth of the model
 L, KVH, D = 24, 2, 64  # its KV cache per layer: 2 KV heads of 64

@@ -10,7 +10,7 @@ from machine import PeakRSS
 from methods import BASELINE, ForwardCounter, Method, Prompt, compiled_graphs, make_methods
 
 import clp_fast
-from clp_fast import metrics
+from clp_fast.eval import metrics
 from clp_fast.heads import MTPHeads
 
 
@@ -85,7 +85,7 @@ def run_batched(model, tok, heads: MTPHeads, k: int, batch_sizes: list[int], n: 
                 eos: list[int], pad: int, counter: ForwardCounter, bar, warmup_tokens: int = 4,
                 speculation: str = "adaptive") -> dict:
     """clp_fast lossless vs transformers batched greedy on left-padded HumanEval batches, interleaved."""
-    from clp_fast.data import humaneval_prompts
+    from clp_fast.eval.data import humaneval_prompts
 
     pool = humaneval_prompts()
     rng = random.Random(seed + 1)

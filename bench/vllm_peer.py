@@ -40,7 +40,7 @@ LABELS = {"hf": "transformers greedy (eager, this venv)", "greedy": "vLLM greedy
 
 
 def cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:
-    """Generated ids cut after the first EOS (kept), as ``clp_fast.metrics.generated_ids`` does."""
+    """Generated ids cut after the first EOS (kept), as ``clp_fast.eval.metrics.generated_ids`` does."""
     for i, t in enumerate(ids):
         if t in eos:
             return ids[: i + 1]

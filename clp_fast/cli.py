@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from clp_fast.decode import MAX_STEP_TOKENS, MODES, POLICIES, SPECULATION
-from clp_fast.processed import sampling_processors
+from clp_fast.engine import MAX_STEP_TOKENS, MODES, POLICIES, SPECULATION, sampling_processors
 
 
 def _read_prompts(args) -> list[str]:
@@ -37,7 +36,7 @@ def _read_prompts(args) -> list[str]:
 
 
 def cmd_fetch(args) -> int:
-    from clp_fast.hub import fetch
+    from clp_fast.models.hub import fetch
 
     print(fetch(args.name, progress=not args.quiet))
     return 0
@@ -48,7 +47,7 @@ def _check_generate_args(args) -> list[str]:
     import torch
 
     from clp_fast.heads import MAX_HEADS
-    from clp_fast.hub import resolve_model_path
+    from clp_fast.models.hub import resolve_model_path
 
     for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--threads", args.threads, 1),
                              ("--k", args.k, 1), ("--prompt-lookup", args.prompt_lookup, 0),
@@ -97,7 +96,7 @@ def cmd_generate(args) -> int:
 
     import clp_fast
     from clp_fast.heads import MTPHeads
-    from clp_fast.hub import load_model
+    from clp_fast.models.hub import load_model
 
     prompts = _check_generate_args(args)
     torch.set_num_threads(args.threads) if args.threads else None

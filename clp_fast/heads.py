@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clp_fast import reference
+from clp_fast import backend, reference
+from clp_fast.drafts.calibration import TreeCalibration
 from clp_fast.faults import kill_point
 
 __all__ = ["MTPHeads", "CLP", "GatePolicy", "lm_head_fingerprint", "MAX_HEADS"]
@@ -157,8 +158,6 @@ class MTPHeads(nn.Module):
               *, with_clp: bool = True, top_m: int = 1):
         """:func:`clp_fast.backend.fused_heads` with these heads: ids ``[R, k + 1]``, conf, accept ``[R]``
         (and with ``top_m > 1`` each head's top-m ids and probabilities ``[R, k, m]``)."""
-        from clp_fast import backend
-
         lin = self.clp.linear if with_clp else None
         return backend.fused_heads(
             hidden, self.weight, self.bias, lm_head_weight, lin.weight if lin else None, lin.bias if lin else None,
@@ -182,9 +181,7 @@ class MTPHeads(nn.Module):
 
     @property
     def tree_calibration(self):
-        """The shipped :class:`clp_fast.tree.TreeCalibration` (config ``extra.tree``), or None."""
-        from clp_fast.tree import TreeCalibration
-
+        """The shipped :class:`clp_fast.drafts.calibration.TreeCalibration` (config ``extra.tree``), or None."""
         table = self.extra_config.get("tree")
         return TreeCalibration.from_dict(table) if table else None
 

@@ -5,8 +5,8 @@ transformers' ``generate`` does the preparation (generation config, logits proce
 top-k/top-p, repetition penalty, min_new_tokens, ... — and stopping criteria) and then calls a
 ``custom_generate`` callable with ``model, input_ids, logits_processor, stopping_criteria,
 generation_config`` and the model kwargs. :func:`generate` decodes with them: greedy without
-processors through :func:`clp_fast.decode.generate` (the engine's own fused argmax), everything else
-through :func:`clp_fast.processed.generate_processed` (processors at every accepted tree node with its
+processors through :func:`clp_fast.engine.generate` (the engine's own fused argmax), everything else
+through :func:`clp_fast.engine.generate_processed` (processors at every accepted tree node with its
 own prefix, lossless speculative sampling). Settings it cannot honour raise ``ValueError`` naming them.
 """
 
@@ -19,11 +19,10 @@ import sys
 
 import torch
 
-from clp_fast import decode
-from clp_fast.decode import MAX_STEP_TOKENS, MODES
+from clp_fast import engine
+from clp_fast.engine import MAX_STEP_TOKENS, MODES, generate_processed
 from clp_fast.heads import MTPHeads
-from clp_fast.model import NativeBackbone
-from clp_fast.processed import generate_processed
+from clp_fast.models.native import NativeBackbone
 
 __all__ = ["generate", "patch", "unpatch", "is_patched"]
 
@@ -126,7 +125,7 @@ def _token_list(gc, tensor_attr: str, attr: str) -> list[int] | None:
 
 
 def _engine_handles(criteria, gc, eos: list[int] | None) -> bool:
-    """Whether the stopping criteria are only the budget and EOS that :func:`clp_fast.decode.generate` applies."""
+    """Whether the stopping criteria are only the budget and EOS that :func:`clp_fast.engine.generate` applies."""
     for c in criteria:
         name = type(c).__name__
         if name == "MaxLengthCriteria" and c.max_length == gc.max_length:
@@ -185,7 +184,7 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
                   eos_token_id=eos or [], pad_token_id=pad, prompt_lookup=prompt_lookup,
                   streamer=streamer)
     if not gc.do_sample and not procs and _engine_handles(criteria, gc, eos):
-        out = decode.generate(model, input_ids, heads, max_step_tokens=max_step_tokens, speculation=speculation,
+        out = engine.generate(model, input_ids, heads, max_step_tokens=max_step_tokens, speculation=speculation,
                               **common)
     else:
         cap = MAX_STEP_TOKENS if max_step_tokens is None else max_step_tokens

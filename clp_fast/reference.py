@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clp_fast.packed import linear, rows
+from clp_fast.models.packed import linear, rows
 
 __all__ = ["head_hidden", "fused_heads", "head_rows", "clp_accept_lengths", "commit_kv_span_"]
 
@@ -99,7 +99,7 @@ def fused_heads(
         hidden: ``[R, H]`` final hidden states (bf16, fp16 or fp32).
         head_weight: ``[k, H, H]``; ``k`` may be 0 (then only the backbone row is computed).
         head_bias: ``[k, H]``.
-        lm_head_weight: ``[V, H]``, a tensor or (on CPU) its :class:`clp_fast.packed.PackedWeight`.
+        lm_head_weight: ``[V, H]``, a tensor or (on CPU) its :class:`clp_fast.models.packed.PackedWeight`.
         clp_weight: ``[k, H + k]`` or None (then accept lengths are all ``k``).
         clp_bias: ``[k]`` or None.
         threshold: CLP acceptance probability.

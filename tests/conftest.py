@@ -66,7 +66,7 @@ def tiny_llama():
 
 def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists → ``(input_ids [B, P], attention_mask [B, P])``."""
-    from clp_fast.decode import left_pad as _left_pad
+    from clp_fast.engine import left_pad as _left_pad
 
     return _left_pad(rows, pad)
 

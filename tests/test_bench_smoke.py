@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clp_fast.decode import LOOKUP_WIDTH
+from clp_fast.engine import LOOKUP_WIDTH
 from tests.conftest import smollm2_path, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Prompt sets (clp_fast.data): corpus files, prompt cutting, HumanEval and prose prompts."""
+"""Prompt sets (clp_fast.eval.data): corpus files, prompt cutting, HumanEval and prose prompts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from clp_fast import data
+from clp_fast.eval import data
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import clp_fast
-from clp_fast import decode
-from clp_fast import tree as tree_mod
+from clp_fast.drafts import heads as heads_src
+from clp_fast.drafts import lookup as lookup_mod
+from clp_fast.engine import loop, verify
 from clp_fast.heads import MTPHeads
-from clp_fast.model import NativeBackbone
+from clp_fast.models.native import NativeBackbone
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
 
 PROMPTS = [[5, 17, 300, 2, 999, 41, 8], [12, 13], [700], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
@@ -47,7 +48,7 @@ class OracleDrafts:
         self.bank = torch.cat(self.bank)
         self.sequences, self.corrupt_every = sequences, corrupt_every
         self.V = model.config.vocab_size
-        self.original = decode._draft
+        self.original = heads_src.fused_rows
 
     def __call__(self, bb, heads, hidden, mode, policy, threshold, top_m=1, **kw):
         ids, conf, n, *top = self.original(bb, heads, hidden, mode, policy, threshold, top_m, **kw)
@@ -71,7 +72,7 @@ def oracle_batch(monkeypatch, n: int = 20, corrupt_every: int = 10**9):
     ids, mask = left_pad(PROMPTS)
     want = hf_greedy(model, ids, mask, n)
     seqs = [want[b][mask[b].bool().tolist() + [True] * n].tolist() for b in range(len(PROMPTS))]
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every))
+    monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, corrupt_every))
     return model, ids, mask, want
 
 
@@ -118,7 +119,7 @@ def test_lossless_equals_greedy_with_partly_right_drafts(arch, corrupt_every, mo
     ids, mask = left_pad(PROMPTS)
     want = hf_greedy(model, ids, mask, 30)
     seqs = [want[b][mask[b].bool().tolist() + [True] * 30].tolist() for b in range(len(PROMPTS))]
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every))
+    monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, corrupt_every))
     got, stats = clp_fast.generate(model, ids, random_heads(model, 4), attention_mask=mask, max_new_tokens=30,
                                    mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=0,
                                    max_step_tokens=None, speculation="fixed",  # all k guesses for every row
@@ -159,7 +160,7 @@ def test_draft_tree_verifies_lookup_and_heads_branches_together(monkeypatch):
     ids, mask = left_pad(PROMPTS)
     want = hf_greedy(model, ids, mask, 24)
     seqs = [want[b][mask[b].bool().tolist() + [True] * 24].tolist() for b in range(len(PROMPTS))]
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every=3))
+    monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, corrupt_every=3))
     calls = [0]
 
     def oracle_lookup(ctx, max_tokens, max_ngram=3, min_ngram=1):
@@ -174,17 +175,17 @@ def test_draft_tree_verifies_lookup_and_heads_branches_together(monkeypatch):
                 return guess
         return []
 
-    monkeypatch.setattr(tree_mod, "lookup_continuation", oracle_lookup)
-    wins, original = [], decode._verify
+    monkeypatch.setattr(lookup_mod, "lookup_continuation", oracle_lookup)
+    wins, original = [], verify.accept_argmax
 
-    def spy(ids_, tree, mode):
-        best = original(ids_, tree, mode)
+    def spy(ids_, tree):
+        best = original(ids_, tree)
         for b in range(tree.tokens.shape[0]):
             if tree.n_fed[b] > 1 and tree.depth[b, best[b]] > 0:
                 wins.append("lookup" if bool(tree.anc[b, best[b], 1]) else "heads")
         return best
 
-    monkeypatch.setattr(decode, "_verify", spy)
+    monkeypatch.setattr(verify, "accept_argmax", spy)
     got, stats = clp_fast.generate(model, ids, random_heads(model, 2), attention_mask=mask, max_new_tokens=24,
                                    mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=4,
                                    max_step_tokens=None, speculation="fixed",  # whole trees for every row
@@ -201,13 +202,13 @@ def test_clp_mode_takes_guesses_unverified(monkeypatch):
     seqs = [want[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
     heads = random_heads(model, 3)
     # right guesses: clp output equals greedy with fewer forwards
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
+    monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, 10**9))
     got, stats = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode="clp",
                                    eos_token_id=[], pad_token_id=0, clp_threshold=0.5, return_stats=True)
     assert_equal_ids(got, want)
     assert stats.forward_passes <= 6  # ceil(20 / 4) + prefill
     # wrong guesses are accepted too: that is what distinguishes clp from lossless
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 2))
+    monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, 2))
     got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode="clp", eos_token_id=[],
                             pad_token_id=0, clp_threshold=0.5)
     assert not torch.equal(got, want)
@@ -222,13 +223,13 @@ def test_clp_mode_computes_logit_rows_only_at_each_rows_last_fed_node(monkeypatc
     call sees one hidden row per batch row, whatever the chain length (lossless sees every fed node)."""
     model = tiny_model("qwen2")
     heads = random_heads(model, 3)  # the CLP takes every guess
-    sizes, original = [], decode._draft
+    sizes, original = [], heads_src.fused_rows
 
     def spy(bb, heads_, hidden, *args, **kw):
         sizes.append(hidden.shape[0])
         return original(bb, heads_, hidden, *args, **kw)
 
-    monkeypatch.setattr(decode, "_draft", spy)
+    monkeypatch.setattr(heads_src, "fused_rows", spy)
     ids, mask = left_pad(PROMPTS)
     _, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=16, mode="clp", eos_token_id=[],
                               pad_token_id=0, clp_threshold=0.5, return_stats=True)
@@ -246,14 +247,14 @@ def test_draft_vocabulary_reaches_the_heads_and_lossless_stays_exact(monkeypatch
     heads = MTPHeads.for_model(model, 3, draft_vocab=40)
     with torch.no_grad():
         heads.weight.normal_(std=0.05)
-    seen, original = [], decode._draft
+    seen, original = [], heads_src.fused_rows
 
     def spy(*args, **kw):
         ids, conf, n = original(*args, **kw)
         seen.append(ids)
         return ids, conf, n
 
-    monkeypatch.setattr(decode, "_draft", spy)
+    monkeypatch.setattr(heads_src, "fused_rows", spy)
     ids, mask = left_pad(PROMPTS)
     # fixed speculation: the heads run every step (adaptive may find greedy steps faster on this machine, issue 26)
     got = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=16, mode="lossless",
@@ -312,15 +313,16 @@ def test_each_batched_row_equals_that_row_alone_with_eos(mode, monkeypatch):
     cut_inside = []
     if mode == "lossless":
         seqs = [free[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
-        monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
-        emit = decode._emit
+        monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, 10**9))
+        keep = loop.keep_tokens
 
-        def spy(fed, n_fed, remaining, eos_ids):
-            cnt, hit = emit(fed, n_fed, remaining, eos_ids)
-            cut_inside.append(bool((hit & (cnt < torch.minimum(n_fed, remaining))).any()))
-            return cnt, hit
+        def spy(p, rows, fed, n_fed):
+            remaining = p.max_new_tokens - rows.produced
+            cnt, stopped = keep(p, rows, fed, n_fed)
+            cut_inside.append(bool((stopped & (cnt < torch.minimum(n_fed, remaining))).any()))
+            return cnt, stopped
 
-        monkeypatch.setattr(decode, "_emit", spy)
+        monkeypatch.setattr(loop, "keep_tokens", spy)
     batched, st = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=20, mode=mode,
                                     eos_token_id=eos, pad_token_id=0, max_step_tokens=None, speculation="fixed",
                                     return_stats=True)
@@ -384,5 +386,5 @@ def test_fused_heads_logits_match_lm_head(tiny_qwen2):
     """The engine's draft step uses the model's own LM head: column 0 is transformers' argmax."""
     bb = NativeBackbone(tiny_qwen2)
     h = torch.randn(5, 96)
-    ids, _, _ = decode._draft(bb, None, h, "greedy", "clp", 0.5)
+    ids, _, _ = heads_src.fused_rows(bb, None, h, "greedy", "clp", 0.5)
     assert_equal_ids(ids[:, 0], F.linear(h, tiny_qwen2.lm_head.weight).argmax(-1))

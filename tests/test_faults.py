@@ -18,8 +18,8 @@ from conftest import (  # also sets the thread count: a subprocess driver comput
     tiny_model,
 )
 
-from clp_fast import hub
 from clp_fast.cli import main as cli_main
+from clp_fast.models import hub
 
 
 # ------------------------------------------------------------------------------- names resolve offline
@@ -101,8 +101,8 @@ def _tiny_ids(B: int, P: int = 5) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cache_estimate_equals_the_allocated_bytes(dtype):
-    from clp_fast.memory import static_cache_bytes
-    from clp_fast.model import NativeBackbone
+    from clp_fast.models.memory import static_cache_bytes
+    from clp_fast.models.native import NativeBackbone
 
     bb = NativeBackbone(tiny_model("qwen2", dtype=dtype))
     cache = bb.allocate_cache(3, 37)
@@ -118,8 +118,8 @@ def _expected_cache(model, B: int, max_len: int) -> int:
 
 def test_generate_refuses_a_cache_over_max_cache_bytes(tiny_qwen2, monkeypatch):
     import clp_fast
-    from clp_fast.memory import CacheTooLargeError
-    from clp_fast.model import StaticKVCache
+    from clp_fast.models.memory import CacheTooLargeError
+    from clp_fast.models.native import StaticKVCache
 
     ids = _tiny_ids(3)
     max_len = 5 + 6 + 0 + 1  # greedy: prompt + max_new_tokens + no guesses + 1
@@ -140,9 +140,9 @@ def test_generate_refuses_a_cache_over_max_cache_bytes(tiny_qwen2, monkeypatch):
 
 def test_generate_refuses_a_cache_larger_than_available_memory(tiny_qwen2, monkeypatch):
     import clp_fast
-    from clp_fast import memory
-    from clp_fast.memory import CacheTooLargeError
-    from clp_fast.model import StaticKVCache
+    from clp_fast.models import memory
+    from clp_fast.models.memory import CacheTooLargeError
+    from clp_fast.models.native import StaticKVCache
 
     def never(*args, **kwargs):
         raise AssertionError("the cache was allocated before its size was checked")
@@ -155,7 +155,7 @@ def test_generate_refuses_a_cache_larger_than_available_memory(tiny_qwen2, monke
 
 
 def test_available_memory_is_read():
-    from clp_fast.memory import available_bytes
+    from clp_fast.models.memory import available_bytes
 
     free = available_bytes("cpu")
     assert free is not None and 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -270,7 +270,7 @@ class ByteTokenizer:
 
 def _train(tmp: Path, resume: bool):
     from clp_fast import train
-    from clp_fast.data import stdlib_dir
+    from clp_fast.eval.data import stdlib_dir
 
     model = tiny_model("qwen2", vocab_size=300, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2)

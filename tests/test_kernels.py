@@ -462,7 +462,7 @@ def test_lossless_decode_with_triton_backend_equals_torch_backend(monkeypatch):
     from test_decode import PROMPTS, OracleDrafts, random_heads
 
     import clp_fast
-    from clp_fast import decode
+    from clp_fast.drafts import heads as heads_src
     from tests.conftest import left_pad, tiny_model
 
     model = tiny_model("qwen2")
@@ -473,7 +473,7 @@ def test_lossless_decode_with_triton_backend_equals_torch_backend(monkeypatch):
     outs = {}
     for choice in ("torch", "triton"):
         monkeypatch.setenv("CLP_FAST_BACKEND", choice)
-        monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every=3))
+        monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, corrupt_every=3))
         outs[choice], stats = clp_fast.generate(model, ids, heads, attention_mask=mask, max_new_tokens=12,
                                                 mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=0,
                                                 return_stats=True, speculation="fixed")

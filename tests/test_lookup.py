@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import clp_fast
+from clp_fast.drafts.lookup import lookup_continuation
 from clp_fast.heads import MTPHeads
-from clp_fast.lookup import lookup_continuation
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
 
 

@@ -1,11 +1,11 @@
-"""clp_fast.metrics against values computed by hand (the numbers in each comment)."""
+"""clp_fast.eval.metrics against values computed by hand (the numbers in each comment)."""
 
 from __future__ import annotations
 
 import pytest
 
-from clp_fast import metrics
-from clp_fast.decode import DecodeStats
+from clp_fast.engine import DecodeStats
+from clp_fast.eval import metrics
 
 
 def test_tau_single_row_and_pooled():

@@ -1,4 +1,4 @@
-"""The prepacked oneDNN step (``clp_fast.packed``): what it computes, when it is used, what it leaves alone."""
+"""The prepacked oneDNN step (``clp_fast.models.packed``): what it computes, when it is used, what it leaves alone."""
 
 from __future__ import annotations
 
@@ -10,10 +10,24 @@ import torch.nn.functional as F
 from conftest import assert_equal_ids, left_pad, tiny_model
 
 import clp_fast
-from clp_fast import packed
-from clp_fast.model import NativeBackbone
+from clp_fast.models import packed
+from clp_fast.models.native import NativeBackbone
 
-needs_mkldnn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not built in")
+needs_mkldnn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and packed._cpu_packs(torch.bfloat16)),
+                                  reason="oneDNN is not built in, or packs no bf16 weight on this CPU (AVX2 only)")
+
+
+def test_a_cpu_that_cannot_pack_takes_the_plain_path(monkeypatch):
+    """Where oneDNN refuses to pack bf16 (an AVX2-only CPU raises in _reorder_linear_weight), the step is the
+    plain one and bf16 decoding runs; the probe itself answers without raising on every CPU."""
+    assert packed._cpu_packs(torch.bfloat16) in (True, False)
+    monkeypatch.setattr(packed, "_cpu_packs", lambda dtype: False)
+    monkeypatch.setenv("CLP_FAST_PACK", "1")
+    model = tiny_model(dtype=torch.bfloat16)
+    assert NativeBackbone(model).step is None
+    ids, mask = left_pad([[5, 9, 14, 3]])
+    got = clp_fast.generate(model, ids, attention_mask=mask, max_new_tokens=6, mode="greedy")
+    assert got.shape == (1, 10)
 
 
 @pytest.fixture

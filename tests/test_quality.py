@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clp_fast.stats import mcnemar_exact, paired_counts, wilson_interval
+from clp_fast.eval.stats import mcnemar_exact, paired_counts, wilson_interval
 from tests.conftest import smollm2_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def test_completion_stops_at_the_end_of_the_function():
 
 
 def test_check_program_runs_the_tests_on_the_entry_point():
-    from clp_fast.sandbox import run_python
+    from clp_fast.eval.sandbox import run_python
 
     problem = {"prompt": "def inc(x):\n    \"\"\"x + 1\"\"\"\n", "entry_point": "inc",
                "test": "def check(candidate):\n    assert candidate(1) == 2\n"}
@@ -171,7 +171,7 @@ def test_quality_script_smoke_on_smollm2(smollm2, tmp_path):
     assert len(problems) == 2
 
     # greedy completions are transformers' greedy, token for token (fp32), stopped at 16 tokens or EOS
-    from clp_fast.data import humaneval_problems
+    from clp_fast.eval.data import humaneval_problems
 
     eos = res["settings"]["eos_token_ids"]
     by_id = {p["task_id"]: p for p in humaneval_problems(2, 0)}
@@ -220,7 +220,7 @@ def test_generation_resumes_from_the_completion_cache(smollm2, tmp_path, monkeyp
     import argparse
 
     model, tok = smollm2
-    from clp_fast.data import humaneval_problems
+    from clp_fast.eval.data import humaneval_problems
 
     problems = humaneval_problems(3, 1)
     for p in problems:

@@ -12,8 +12,7 @@ import itertools
 import pytest
 import torch
 
-from clp_fast import sampling
-from clp_fast.processed import generate_processed
+from clp_fast.engine import generate_processed, sampling
 from tests.conftest import tiny_model
 from tests.test_decode import random_heads
 from tests.test_tree import CAL as TREE_CAL

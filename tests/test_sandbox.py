@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from clp_fast.sandbox import ExecResult, Limits, run_python
+from clp_fast.eval.sandbox import ExecResult, Limits, run_python
 
 FAST = Limits(timeout_s=5.0, cpu_s=2, memory_mb=512, file_mb=4)
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import clp_fast
-from clp_fast import cost as cost_mod
-from clp_fast import decode, reference
-from clp_fast.cost import StepCost, step_cost
+from clp_fast import reference
+from clp_fast.drafts import heads as heads_src
+from clp_fast.engine import cost as cost_mod
+from clp_fast.engine.cost import StepCost, step_cost
+from clp_fast.engine.speculation import SOURCES, RowAcceptance, select_nodes
 from clp_fast.heads import MTPHeads
-from clp_fast.model import NativeBackbone
-from clp_fast.speculation import SOURCES, RowAcceptance, select_nodes
+from clp_fast.models.native import NativeBackbone
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
 from tests.test_decode import PROMPTS, OracleDrafts, hf_greedy, oracle_batch, random_heads
 
@@ -220,7 +221,7 @@ def test_adaptive_turns_speculation_back_on_when_rows_finish(monkeypatch):
     eos, when = _early_eos(plain, P)
     want = hf_greedy(model, ids, mask, 20, eos=[eos])
     seqs = [plain[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(2)]
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, 10**9))
+    monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, 10**9))
     fed, forward = [], NativeBackbone.forward
 
     def spy(self, tokens, cache, new_len, *a):
@@ -264,7 +265,7 @@ def test_ragged_batch_of_16_lossless_equals_transformers_greedy(monkeypatch, cos
     eos = plain[0, P + 5].item()  # row 0 stops after 6 tokens; others wherever this token occurs
     want = hf_greedy(model, ids, mask, 24, eos=[eos])
     seqs = [plain[b][mask[b].bool().tolist() + [True] * 24].tolist() for b in range(16)]
-    monkeypatch.setattr(decode, "_draft", OracleDrafts(model, seqs, corrupt_every=3))
+    monkeypatch.setattr(heads_src, "fused_rows", OracleDrafts(model, seqs, corrupt_every=3))
     cm = StepCost(FLAT, learn=False) if cost_model == "flat" else None
     got, st = clp_fast.generate(model, ids, random_heads(model, 3), attention_mask=mask, max_new_tokens=24,
                                 mode="lossless", eos_token_id=[eos], pad_token_id=0, return_stats=True, cost_model=cm)
@@ -274,7 +275,7 @@ def test_ragged_batch_of_16_lossless_equals_transformers_greedy(monkeypatch, cos
 
 
 def test_heads_worth_skips_heads_that_do_not_pay_and_probes_again():
-    from clp_fast.speculation import PROBE_EVERY, HeadsWorth
+    from clp_fast.drafts.heads import PROBE_EVERY, HeadsWorth
 
     w = HeadsWorth()
     assert w.want()  # nothing measured yet
@@ -288,7 +289,7 @@ def test_heads_worth_skips_heads_that_do_not_pay_and_probes_again():
 def test_heads_are_not_computed_while_no_head_guess_pays(monkeypatch):
     """A per-token cost selects no guess, so the heads bring nothing: after the first step they run only as
     probes (every PROBE_EVERY + 1 steps); the output stays transformers' greedy."""
-    from clp_fast.speculation import PROBE_EVERY
+    from clp_fast.drafts.heads import PROBE_EVERY
 
     model = tiny_model("qwen2")
     heads = random_heads(model, 3)
@@ -316,7 +317,7 @@ def test_heads_are_not_computed_while_no_head_guess_pays(monkeypatch):
 def test_speculation_worth_follows_the_faster_kind_and_probes_the_other():
     """Speculation first; greedy probed after FIRST_PROBE steps; then the faster kind by tokens/s summed over the
     window, the slower one probed again every PROBE_EVERY steps (4x as rarely when it loses by more than 25 %)."""
-    from clp_fast.speculation import PROBE_EVERY, SpeculationWorth
+    from clp_fast.engine.speculation import PROBE_EVERY, SpeculationWorth
 
     w = SpeculationWorth()
     first = w.FIRST_PROBE

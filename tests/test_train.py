@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from clp_fast import reference, train
-from clp_fast.data import stdlib_dir
+from clp_fast.eval.data import stdlib_dir
 from clp_fast.heads import MTPHeads
 from clp_fast.train import fit, losses, shards
 
@@ -272,13 +272,13 @@ def test_shipped_smollm2_heads_beat_zero_init_and_random_heads():
     Stdlib code, not HumanEval: on HumanEval prompts SmolLM2-135M's greedy output repeats itself, and there
     zero-init heads beat the shipped ones (head-1 top-1 0.214 vs 0.115, 4 prompts, 2026-11-29) -- a fact
     about that text, reported in the training card's README section, not something a bar should hide."""
-    from clp_fast.data import cut_prompts, iter_corpus_files
-    from clp_fast.hub import clp_home, is_fetched, load_model
+    from clp_fast.eval.data import cut_prompts, iter_corpus_files
+    from clp_fast.models.hub import clp_home, is_fetched, load_model
 
     name = "smollm2-135m-instruct"
     if not is_fetched(name):
         pytest.fail(f"{name} is not fetched under {clp_home() / 'models'}; run `make test` (which fetches it) or "
-                    f"`python -c \"import clp_fast.hub as h; h.fetch('{name}')\"` first")
+                    f"`python -c \"import clp_fast.models.hub as h; h.fetch('{name}')\"` first")
     folder = ASSETS / name
     assert (folder / "config.json").is_file(), f"no shipped heads at {folder}"
     model, tok = load_model(name, dtype="fp32")

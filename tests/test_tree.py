@@ -1,4 +1,4 @@
-"""Draft trees from the heads' top-m candidates (clp_fast.tree): construction, the cost rule, the engine."""
+"""Draft trees from the sources' proposals (clp_fast.engine.tree): construction, the cost model's choice, the engine."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import pytest
 import torch
 
 import clp_fast
-from clp_fast import decode
+from clp_fast.drafts import heads as heads_src
+from clp_fast.drafts.base import Branch, Layers
+from clp_fast.drafts.calibration import TreeCalibration
+from clp_fast.engine.cost import StepCost
+from clp_fast.engine.speculation import select_nodes
+from clp_fast.engine.tree import grow
 from clp_fast.heads import MTPHeads
 from clp_fast.train import calibrate as calib_mod
 from clp_fast.train import shards
-from clp_fast.tree import TreeCalibration, best_first_tree
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
 from tests.test_decode import PROMPTS, hf_greedy
 
@@ -30,34 +34,64 @@ def _paths(toks, pars):
     return out
 
 
-def test_best_first_tree_adds_nodes_by_estimate_parents_first():
+def _heads(cand, prob):
+    """The heads' top-m lists as a Layers proposal with CAL's priors."""
+    return Layers(cand, [[CAL.rate(d + 1, p) for p in ps] for d, ps in enumerate(prob)], "heads")
+
+
+def _lookup(tokens):
+    return Branch(tokens, [CAL.lookup_rate(d + 1) for d in range(len(tokens))], "lookup")
+
+
+KINDS = ["lookup", "heads"]
+
+
+def test_grow_adds_nodes_by_estimate_parents_first():
     """Hand-computed: head 1 candidates (0.9 -> 0.8, 0.3 -> 0.3, 0.1 -> 0.3), head 2 (0.7 -> 0.6, 0.2 -> 0.2).
-    Estimates: (1,) 0.8, (1, 4) 0.48, (2,) 0.3, (3,) 0.3, (1, 5) 0.16, (2, 4) 0.18, ... With cost 0 and a
-    budget of 4 the tree is the four best, parents before children."""
-    toks, pars = best_first_tree(7, [[1, 2, 3], [4, 5, 6]], [[0.9, 0.3, 0.1], [0.7, 0.2, 0.05]], [], CAL, 4, 0.0)
+    Estimates: (1,) 0.8, (1, 4) 0.48, (2,) 0.3, (3,) 0.3, (1, 5) 0.16, (2, 4) 0.18, ... With a cap of 4 guesses
+    the tree is the four best, parents before children."""
+    toks, pars, pri, src = grow(7, [_heads([[1, 2, 3], [4, 5, 6]], [[0.9, 0.3, 0.1], [0.7, 0.2, 0.05]])], KINDS,
+                                [1.0, 1.0], 4)
     assert toks[0] == 7
     assert _paths(toks, pars) == [(1,), (1, 4), (2,), (3,)]
     assert all(pars[i] < i for i in range(1, len(toks)))
+    assert pri[1:] == [0.8, 0.6, 0.3, 0.3] and src[1:] == [1, 1, 1, 1]
+    full = grow(7, [_heads([[1, 2, 3], [4, 5, 6]], [[0.9, 0.3, 0.1], [0.7, 0.2, 0.05]])], KINDS, [1.0, 1.0], 16)
+    assert len(full[0]) - 1 == 3 + 9  # every node of the 3 x 3 cartesian tree
 
 
-def test_cost_rule_stops_where_a_node_does_not_pay():
-    """A node of estimate e is added only while e > cost * (1 + sum of estimates) / (1 + cost * nodes)."""
-    cand, prob = [[1, 2, 3], [4, 5, 6]], [[0.9, 0.3, 0.1], [0.7, 0.2, 0.05]]
-    # cost 0.25: (1,) 0.8 > 0.25; (1, 4) 0.48 > 0.25 * 1.8 / 1.25 = 0.36; (2,) 0.3 < 0.25 * 2.28 / 1.5 = 0.38
-    toks, pars = best_first_tree(7, cand, prob, [], CAL, 16, 0.25)
-    assert _paths(toks, pars) == [(1,), (1, 4)]
-    assert best_first_tree(7, cand, prob, [], CAL, 16, 0.9) == ([7], [0])  # nothing pays: the root alone
-    full, _ = best_first_tree(7, cand, prob, [], CAL, 16, 0.0)
-    assert len(full) - 1 == 3 + 9  # cost 0: every node of the 3 x 3 cartesian tree
+def test_the_cost_model_keeps_the_nodes_that_pay():
+    """The grown tree, priced by a per-token cost: a node of return e joins while (1 + sum e) / cost(1 + n) rises.
+    Cost 1 + 0.25 per extra token: (1,) 0.8 -> 1.8 / 1.25 = 1.44 > 1; (1, 4) 0.48 -> 2.28 / 1.5 = 1.52; (2,) 0.3 ->
+    2.58 / 1.75 = 1.474 < 1.52: two guesses. A flat cost takes every node; a steep one none (the root alone)."""
+    tree = grow(7, [_heads([[1, 2, 3], [4, 5, 6]], [[0.9, 0.3, 0.1], [0.7, 0.2, 0.05]])], KINDS, [1.0, 1.0], 16)
+    per_token = StepCost({1: 1.0, 2: 1.25}, learn=False)
+    (chosen,), info = select_nodes([tree], [[1.0, 1.0]], per_token)
+    assert _paths(chosen[0], chosen[1]) == [(1,), (1, 4)] and info["fed"] == 3
+    (flat,), _ = select_nodes([tree], [[1.0, 1.0]], StepCost.flat())
+    assert len(flat[0]) == len(tree[0])
+    (steep,), _ = select_nodes([tree], [[1.0, 1.0]], StepCost({1: 1.0, 2: 2.0}, learn=False))
+    assert steep[0] == [7]
 
 
 def test_lookup_branch_joins_the_trie_once():
     """The lookup guess 1 equals head 1's best candidate: one node, which carries both the head-2 candidates
     and the lookup chain (rates 0.7, 0.9 per depth); no (parent, token) appears twice."""
-    toks, pars = best_first_tree(7, [[1, 2], [4, 5]], [[0.9, 0.1], [0.1, 0.1]], [1, 9, 8], CAL, 6, 0.0)
+    toks, pars, _, _ = grow(7, [_heads([[1, 2], [4, 5]], [[0.9, 0.1], [0.1, 0.1]]), _lookup([1, 9, 8])], KINDS,
+                            [1.0, 1.0], 6)
     paths = _paths(toks, pars)
     assert len(paths) == len(set(paths))
     assert paths[:3] == [(1,), (1, 9), (1, 9, 8)]  # 0.8, 0.8 * 0.9, 0.72 * 0.9 (lookup rate repeats its last)
+
+
+def test_row_factors_reorder_the_sources():
+    """A row that has been accepting lookup guesses far above their prior (factor 2.5) grows the lookup branch
+    before the heads' second candidates; with the factors reversed, the heads' nodes come first."""
+    props = [_heads([[1, 2]], [[0.9, 0.6]]), _lookup([5, 6])]
+    toks, pars, _, _ = grow(7, props, KINDS, [2.5, 0.25], 2)
+    assert _paths(toks, pars) == [(5,), (5, 6)]
+    toks, pars, _, _ = grow(7, props, KINDS, [0.25, 2.5], 2)
+    assert _paths(toks, pars) == [(1,), (2,)]
 
 
 @pytest.mark.parametrize("bad", [dict(edges=(0.5,)), dict(rates=((0.1, 2.0),)), dict(top_m=9), dict(lookup=())])
@@ -76,7 +110,7 @@ class RankedOracle:
             self.bank = torch.cat([model.model(torch.tensor([s])).last_hidden_state[0].float() for s in sequences])
         self.where = [(r, t) for r, s in enumerate(sequences) for t in range(len(s))]
         self.sequences, self.rank, self.V = sequences, rank, model.config.vocab_size
-        self.original = decode._draft
+        self.original = heads_src.fused_rows
 
     def __call__(self, bb, heads, hidden, mode, policy, threshold, top_m=1, **kw):
         ids, conf, n, *top = self.original(bb, heads, hidden, mode, policy, threshold, top_m, **kw)
@@ -104,7 +138,7 @@ def test_engine_accepts_second_candidates_and_stays_exact(monkeypatch):
     seqs = [want[b][mask[b].bool().tolist() + [True] * 20].tolist() for b in range(len(PROMPTS))]
     heads = MTPHeads.for_model(model, 3)
     heads.extra_config["tree"] = CAL.to_dict()
-    monkeypatch.setattr(decode, "_draft", RankedOracle(model, seqs, rank=1))
+    monkeypatch.setattr(heads_src, "fused_rows", RankedOracle(model, seqs, rank=1))
     kw = dict(attention_mask=mask, max_new_tokens=20, mode="lossless", eos_token_id=[], pad_token_id=0,
               prompt_lookup=0, max_step_tokens=None, return_stats=True, speculation="fixed")
     chain, st_chain = clp_fast.generate(model, ids, heads, tree_top_m=1, **kw)

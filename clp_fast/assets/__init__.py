@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clp_fast.heads import MTPHeads, lm_head_fingerprint
+
 HEADS_DIR = Path(__file__).parent / "heads"
 
 
@@ -21,8 +23,6 @@ def default_heads_for(model):
     Raises:
         ValueError: no shipped head set fits this backbone (the message lists the shipped ones).
     """
-    from clp_fast.heads import MTPHeads, lm_head_fingerprint
-
     fp = lm_head_fingerprint(model.get_output_embeddings().weight)
     for folder in shipped_heads().values():
         if json.loads((folder / "config.json").read_text()).get("lm_head_fingerprint") == fp:

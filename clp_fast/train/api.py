@@ -28,14 +28,14 @@ from clp_fast.train.plan import make_plan
 
 
 def _default_cache(out_dir: Path) -> Path:
-    from clp_fast.hub import clp_home
+    from clp_fast.models.hub import clp_home
 
     tag = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:10]
     return clp_home() / "train_cache" / f"{out_dir.name}-{tag}"
 
 
 def _exclude_list(progress: bool) -> list[str]:
-    from clp_fast.data import humaneval_signatures
+    from clp_fast.eval.data import humaneval_signatures
 
     try:
         return humaneval_signatures(download=False)
@@ -104,11 +104,11 @@ def train_heads(
 
     Args:
         model: a loaded transformers causal LM (Qwen2 / Llama), or a name / folder for
-            :func:`clp_fast.hub.load_model`.
+            :func:`clp_fast.models.hub.load_model`.
         out_dir: output folder (``heads.safetensors``, ``config.json``, ``training_card.json/.md``,
             ``clp_metrics.json``). Must not exist unless ``resume`` or ``overwrite``.
         tokenizer: anything with ``encode(text, add_special_tokens=False) -> list[int]`` (None → the
-            model's own, found by :func:`clp_fast.hub.load_model`).
+            model's own, found by :func:`clp_fast.models.hub.load_model`).
         k: number of heads.
         corpus: extra files / folders of source code, added to the stdlib (``stdlib=False`` drops it).
         max_tokens: teacher-forced tokens from training files (the main data volume).
@@ -169,14 +169,14 @@ def train_heads(
             shutil.rmtree(cache / kind, ignore_errors=True)
 
     # corpus errors first: they need no model
-    from clp_fast.data import iter_corpus_files
+    from clp_fast.eval.data import iter_corpus_files
 
     files = iter_corpus_files(list(cfg.corpus), stdlib=cfg.stdlib)
     for f in files:
         if f.stat().st_size == 0 and len(files) == 1:
             raise ValueError(f"corpus file {str(f)!r} is empty")
 
-    from clp_fast.hub import load_model
+    from clp_fast.models.hub import load_model
 
     if not hasattr(model, "get_output_embeddings"):
         model, tok = load_model(model, dtype=cfg.dtype)
@@ -188,7 +188,7 @@ def train_heads(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    from clp_fast.model import NativeBackbone
+    from clp_fast.models.native import NativeBackbone
 
     bb = NativeBackbone(model)
     W = bb.lm_head_weight.detach()

@@ -5,7 +5,7 @@ every position, each head's top-m candidates and probabilities come from the cac
 state (:func:`clp_fast.reference.fused_heads`), the truth is the backbone's own greedy continuation,
 and the table maps (depth, probability bin) to the hit rate (Laplace-smoothed). Prompt-lookup guesses
 are replayed on the same sequences: the rate at depth d is P(guess d right | guesses before it right).
-The result is a :class:`clp_fast.tree.TreeCalibration`, stored in the heads' config (``extra.tree``).
+The result is a :class:`clp_fast.engine.tree.TreeCalibration`, stored in the heads' config (``extra.tree``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from clp_fast import reference
+from clp_fast.drafts.calibration import TreeCalibration
+from clp_fast.drafts.lookup import lookup_continuation
 from clp_fast.heads import MTPHeads
-from clp_fast.lookup import lookup_continuation
 from clp_fast.train.shards import load_shard, shard_paths
-from clp_fast.tree import TreeCalibration
 
 EDGES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -66,7 +66,7 @@ def head_rates(heads: MTPHeads, W: torch.Tensor, shards: list[Path], top_m: int,
 
 def lookup_rates(shards: list[Path], width: int, depths: int) -> list[float]:
     """P(lookup guess d right | guesses 1..d-1 right), d = 1..depths, replaying the lookup branch of
-    :func:`clp_fast.tree._topm_tree` on the held-out greedy continuations."""
+    :func:`clp_fast.engine.tree._topm_tree` on the held-out greedy continuations."""
     right, tried = [0] * depths, [0] * depths
     for path in shards:
         data = load_shard(path)

@@ -80,7 +80,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--ablation {args.ablation!r} is not a file")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from clp_fast.hub import load_model
+    from clp_fast.models.hub import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     opts = {name: getattr(args, name) for name in _FIELDS}

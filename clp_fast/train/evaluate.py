@@ -67,7 +67,7 @@ def evaluate_heads(model, heads: MTPHeads, prompts, *, tokenizer=None, max_new_t
         "greedy_tok_s", "lossless_tok_s", "clp_tok_s", "per_prompt"}`` (a mode not run is absent).
     """
     import clp_fast
-    from clp_fast.model import NativeBackbone
+    from clp_fast.models.native import NativeBackbone
 
     bb = NativeBackbone(model)
     dev = bb.device

@@ -2,7 +2,7 @@
 
 Files are split into a training part and a held-out part (10 %, by file), so no held-out number ever
 sees a training window's file. HumanEval function names are passed to
-:func:`clp_fast.data.cut_prompts` as ``exclude``.
+:func:`clp_fast.eval.data.cut_prompts` as ``exclude``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from clp_fast.train.config import TrainConfig, encode, log
 
 def _cut(files, n, chars, seed, exclude) -> list[str]:
     """Up to ``n`` windows from ``files`` (fewer if the corpus is small; never an error here)."""
-    from clp_fast.data import cut_prompts
+    from clp_fast.eval.data import cut_prompts
 
     while n >= 1:
         try:

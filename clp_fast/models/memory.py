@@ -22,7 +22,8 @@ class CacheTooLargeError(MemoryError, ValueError):
 
 def static_cache_bytes(num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                        dtype: torch.dtype) -> int:
-    """Bytes of :class:`clp_fast.model.StaticKVCache`'s K and V: ``L x B x KVH x max_len x D x 2 x itemsize``."""
+    """Bytes of :class:`clp_fast.models.native.StaticKVCache`'s K and V:
+    ``L x B x KVH x max_len x D x 2 x itemsize``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return num_layers * batch * kv_heads * max_len * head_dim * 2 * itemsize
 
@@ -69,7 +70,7 @@ def available_bytes(device: torch.device | str) -> int | None:
 
 def check_cache_fits(bb, batch: int, max_len: int, max_cache_bytes: int | None = None) -> int:
     """Raise :class:`CacheTooLargeError` unless the static cache of ``batch`` rows of ``max_len`` slots for
-    backbone ``bb`` (a :class:`clp_fast.model.NativeBackbone`) fits in the memory available on its device and
+    backbone ``bb`` (a :class:`clp_fast.models.native.NativeBackbone`) fits in the memory available on its device and
     in ``max_cache_bytes`` (None: no user limit). Returns the cache's bytes."""
     if max_cache_bytes is not None and (isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int)
                                         or max_cache_bytes <= 0):

@@ -20,6 +20,7 @@ path), and :func:`release` frees a model's copy.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Callable
@@ -125,7 +126,18 @@ def packing_enabled(model) -> bool:
         raise ValueError(f"CLP_FAST_PACK={flag!r} must be 0 or 1")
     w = model.get_output_embeddings().weight
     return (flag == "1" and w.device.type == "cpu" and w.dtype in _PACKED_DTYPES
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available() and _cpu_packs(w.dtype))
+
+
+@functools.cache
+def _cpu_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs ``dtype`` weights on this CPU: its bf16 path needs AVX-512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, which an AVX2-only CPU (seen: an AMD EPYC here) lacks; there the plain path runs."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _fingerprint(model) -> tuple:

@@ -27,7 +27,7 @@ import tokenize
 import zipfile
 from pathlib import Path
 
-from clp_fast.fetch import clp_home, pip_download_wheels
+from clp_fast.models.fetch import clp_home, pip_download_wheels
 
 __all__ = [
     "cut_prompts",
@@ -103,7 +103,7 @@ def humaneval_problems(n: int | None = None, seed: int | None = None, *, home: s
 
     The same subsets as :func:`humaneval_prompts` (all 164; the first ``n``; or ``n`` drawn with
     ``random.Random(seed)``, in task order). The tests are code: run them only through
-    :mod:`clp_fast.sandbox`.
+    :mod:`clp_fast.eval.sandbox`.
     """
     rows = _humaneval_rows(home)
     if n is None:

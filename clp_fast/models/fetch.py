@@ -8,7 +8,7 @@ GGUF loader into a plain transformers folder (bf16 safetensors plus tokenizer fi
 
     <clp_home()>/models/<name>/{config.json, model.safetensors, tokenizer.json, ..., .clp_fast_complete}
 
-Loading such a folder is :mod:`clp_fast.hub`'s question. Nothing here touches the network except
+Loading such a folder is :mod:`clp_fast.models.hub`'s question. Nothing here touches the network except
 :func:`fetch` and :func:`pip_download_wheels`, which only run when asked to.
 """
 

@@ -3,7 +3,7 @@ what feeding them costs on this machine.
 
 Every candidate node of every row's draft trie (prompt-lookup branches, the heads' chain) carries a
 **prior**: the probability that it is the greedy token given that its parent is — a head guess's
-calibrated confidence (:class:`clp_fast.tree.TreeCalibration`, else its softmax probability), a lookup
+calibrated confidence (:class:`clp_fast.engine.tree.TreeCalibration`, else its softmax probability), a lookup
 guess's measured rate per depth. Each row corrects its priors per source by what it has recently accepted
 (:class:`RowAcceptance`: a row of repetitive text accepts lookup guesses far above the prior, a row of
 fresh code far below). A node's **expected return** ``e`` is the product of corrected priors along its
@@ -12,7 +12,7 @@ path. All nodes of all rows are then taken best first while the batch's expected
     rate(n) = (A + sum of the n best e) / cost(A + n)
 
 with ``A`` the rows that decode this step (each emits its pending token for free) and ``cost`` the
-measured forward time of ``A + n`` fed tokens (:class:`clp_fast.cost.StepCost`). Where a fed token costs
+measured forward time of ``A + n`` fed tokens (:class:`clp_fast.engine.cost.StepCost`). Where a fed token costs
 more than it returns — a compute-bound batch — ``n`` falls to 0 and decoding is plain greedy; when rows
 finish, ``A`` falls, the forward becomes cheap again and speculation comes back. Only speed depends on
 this choice: lossless verification keeps the output greedy's.
@@ -22,25 +22,26 @@ from __future__ import annotations
 
 import torch
 
-from clp_fast.cost import StepCost
+from clp_fast.engine.cost import StepCost
+from clp_fast.engine.tree import Tree, corrected
 
-__all__ = ["RowAcceptance", "HeadsWorth", "SpeculationWorth", "select_nodes", "SOURCES"]
+__all__ = ["RowAcceptance", "SpeculationWorth", "Speculator", "select_nodes", "SOURCES", "TREE_MAX_GUESSES"]
 
-SOURCES = ("lookup", "heads", "lookup1")  # 2/3-gram prompt lookup, MTP heads, 1-gram lookup
-WEAK_LOOKUP = 0.5  # prior of a 1-gram lookup guess relative to a 2/3-gram one (corrected per row as it goes)
-MAX_RATE = 0.98  # no guess is certain: a child's e stays below its parent's, so parents are always taken first
+SOURCES = ("lookup", "heads", "lookup1")  # the built-in kinds of guess: 2/3-gram lookup, MTP heads, 1-gram lookup
+TREE_MAX_GUESSES = 16  # most guesses one row's tree may grow in a step; the cost model usually stops well before
 PRIOR_WEIGHT = 2.0  # strength of the prior in RowAcceptance, in expected accepted guesses
 DECAY = 0.8  # per step: a row's acceptance history fades over ~5 steps
-PROBE_EVERY = 8  # steps without the heads before they are computed again to re-measure what they bring
+PROBE_EVERY = 8  # steps of the losing kind (greedy or speculation) before it is measured again
 
 
 class RowAcceptance:
     """Per row and source, accepted guesses over their priors' sum, both decayed per step: a factor on the
     priors, ``(PRIOR_WEIGHT + hits) / (PRIOR_WEIGHT + expected)``, clamped to ``[0.25, 2.5]``."""
 
-    def __init__(self, batch: int):
-        self.hits = torch.zeros(batch, len(SOURCES), dtype=torch.float64)
-        self.expected = torch.zeros(batch, len(SOURCES), dtype=torch.float64)
+    def __init__(self, batch: int, kinds: int = len(SOURCES)):
+        self.kinds = kinds
+        self.hits = torch.zeros(batch, kinds, dtype=torch.float64)
+        self.expected = torch.zeros(batch, kinds, dtype=torch.float64)
 
     def factors(self) -> list[list[float]]:
         return ((PRIOR_WEIGHT + self.hits) / (PRIOR_WEIGHT + self.expected)).clamp(0.25, 2.5).tolist()
@@ -51,47 +52,13 @@ class RowAcceptance:
         was accepted (the node was *tried*), ``ok [B, T]`` whether it was accepted; rows not ``active`` keep
         their history."""
         tried = parent_ok.cpu()
-        onehot = torch.nn.functional.one_hot(src.cpu().clamp(min=0), len(SOURCES)).to(torch.float64)  # [B, T, S]
+        onehot = torch.nn.functional.one_hot(src.cpu().clamp(min=0), self.kinds).to(torch.float64)  # [B, T, S]
         onehot *= (tried & (src.cpu() >= 0))[..., None]
         exp = (onehot * prior.cpu().to(torch.float64)[..., None]).sum(1)
         hit = (onehot * ok.cpu()[..., None]).sum(1)
         live = active.cpu()[:, None]
         self.hits = torch.where(live, DECAY * self.hits + hit, self.hits)
         self.expected = torch.where(live, DECAY * self.expected + exp, self.expected)
-
-
-class HeadsWorth:
-    """Whether computing the heads' guesses pays for itself: their share of the step's expected tokens must beat
-    their share of its time (the head MLPs and their logit rows: ~10 % of a 0.5B step on the 2-core CPU).
-
-    A compute-bound batch that selects few head guesses decodes faster without computing them at all
-    (prompt-lookup guesses are free); every ``PROBE_EVERY`` skipped steps the heads run again, so a change
-    (rows finishing, more predictable text) brings them back.
-    """
-
-    def __init__(self):
-        self.gain = None  # EMA of the selected head guesses' share of the step's expected tokens
-        self.share = None  # EMA of the heads' share of a step's time
-        self.skipped = 0
-
-    def observe_gain(self, heads_expected: float, total_expected: float) -> None:
-        g = heads_expected / max(total_expected, 1e-9)
-        self.gain = g if self.gain is None else self.gain + 0.3 * (g - self.gain)
-
-    def observe_cost(self, heads_seconds: float, step_seconds: float) -> None:
-        c = heads_seconds / max(step_seconds, 1e-9)
-        self.share = c if self.share is None else self.share + 0.3 * (c - self.share)
-
-    def want(self) -> bool:
-        """Compute the heads for the next step?"""
-        if self.gain is None or self.share is None or self.gain > self.share:
-            self.skipped = 0
-            return True
-        self.skipped += 1
-        if self.skipped > PROBE_EVERY:
-            self.skipped = 0
-            return True
-        return False
 
 
 class SpeculationWorth:
@@ -160,7 +127,7 @@ def _expected_returns(rows: list[tuple], factors: list[list[float]]) -> list[lis
     for (toks, pars, prior, src), f in zip(rows, factors):
         e = [1.0] * len(toks)
         for i in range(1, len(toks)):
-            e[i] = e[pars[i]] * min(MAX_RATE, prior[i] * f[src[i]])
+            e[i] = e[pars[i]] * corrected(prior[i], f[src[i]])
         out.append(e)
     return out
 
@@ -178,7 +145,7 @@ def select_nodes(rows: list[tuple], factors: list[list[float]], cost: StepCost, 
 
     Returns:
         the pruned rows (same layout, parents remapped) and ``{"fed", "expected", "rate", "by_source"}`` of the
-        choice (``by_source``: expected accepted guesses per source in :data:`SOURCES` order).
+        choice (``by_source``: expected accepted guesses per kind, in the order of the sources' indices).
     """
     e = _expected_returns(rows, factors)
     A = sum(1 for toks, *_ in rows if toks)
@@ -203,7 +170,71 @@ def select_nodes(rows: list[tuple], factors: list[list[float]], cost: StepCost, 
         new = {old: j for j, old in enumerate(idx)}
         pruned.append(([toks[i] for i in idx], [new[pars[i]] if i else 0 for i in idx],
                        [prior[i] for i in idx], [src[i] for i in idx]))
-    by_source = [0.0] * len(SOURCES)
+    by_source = [0.0] * (len(factors[0]) if factors else len(SOURCES))
     for ne, b, i in cands[:best_n]:
         by_source[rows[b][3][i]] -= ne
     return pruned, {"fed": A + best_n, "expected": A + sum(by_source), "rate": best_rate, "by_source": by_source}
+
+
+class Speculator:
+    """Which guesses each step feeds, over the batch: per-row caps, the cost model's choice, what it learns.
+
+    Adaptive (``cost`` measured): each row's tree is grown up to its cap, then :func:`select_nodes` keeps the
+    nodes that raise the batch's expected tokens per second, with priors corrected by each row's acceptance
+    (:class:`RowAcceptance`); a batch also compares realized speed with plain greedy steps
+    (:class:`SpeculationWorth`). Fixed (``StepCost.flat()``): every grown guess is fed, each row capped at
+    ``max(1, max_step_tokens // rows - 1)`` guesses. Unverified guesses (clp mode) are fed as proposed.
+
+    Args:
+        kinds: every kind of guess the sources propose, in the loop's order.
+        batch: rows.
+        cost: the forward's cost model.
+        max_step_tokens: adaptive: at most this many tokens fed per forward over the batch; fixed: the per-row
+            cap above; None or 0: no cap.
+        adaptive: learn acceptance and speed (False: ``cost`` decides alone, nothing is learned).
+    """
+
+    def __init__(self, kinds: list[str], batch: int, cost: StepCost, max_step_tokens: int | None = None,
+                 adaptive: bool = True):
+        self.kinds, self.cost, self.adaptive, self.max_step_tokens = kinds, cost, adaptive, max_step_tokens or None
+        self.acceptance = RowAcceptance(batch, len(kinds)) if adaptive else None
+        # The cost model was measured on one row: it prices a single row right, a ragged batch not always. A fixed
+        # model (tests) decides alone.
+        self.worth = SpeculationWorth(enabled=cost.learn and batch > 1) if adaptive else None
+
+    def caps(self, remaining: torch.Tensor, live: torch.Tensor) -> list[int]:
+        """Most guesses per row this step ``[B]``: never past the row's budget."""
+        cap = (remaining - 1).clamp(min=0, max=TREE_MAX_GUESSES)
+        if not self.adaptive and self.max_step_tokens:
+            cap = cap.clamp(max=max(1, self.max_step_tokens // max(int(live.sum()), 1) - 1))
+        if self.adaptive and not self.worth.want():  # greedy is faster at this batch: the pending tokens alone
+            cap = torch.zeros_like(cap)
+        return cap.tolist()
+
+    def factors(self, batch: int) -> list[list[float]]:
+        return self.acceptance.factors() if self.adaptive else [[1.0] * len(self.kinds)] * batch
+
+    def select(self, tries: list[tuple]) -> tuple[list[tuple], dict]:
+        return select_nodes(tries, self.factors(len(tries)), self.cost, self.max_step_tokens if self.adaptive else None)
+
+    def speculating(self) -> bool:
+        """Whether guesses are (as far as measured) worth feeding next step."""
+        return self.worth.winning() if self.adaptive else True
+
+    def price(self, fed: int) -> float | None:
+        """The cost model's seconds for a forward of ``fed`` tokens (adaptive only)."""
+        return self.cost(fed) if self.adaptive else None
+
+    def observe_forward(self, fed: int, seconds: float) -> None:
+        if self.adaptive:
+            self.cost.observe(fed, seconds)
+
+    def observe_step(self, tree: Tree, on_path: torch.Tensor, active: torch.Tensor, committed: int,
+                     seconds: float) -> None:
+        """After a step: which fed nodes were tried and accepted (``on_path [B, T]``), tokens committed, time."""
+        if not self.adaptive:
+            return
+        node = torch.arange(tree.tokens.shape[1], device=tree.tokens.device)[None]
+        fed = (node < tree.n_fed[:, None]) & (node > 0)
+        self.acceptance.update(tree.prior, tree.src, on_path.gather(1, tree.parent) & fed, on_path & fed, active)
+        self.worth.observe(bool((tree.n_fed > 1).any()), committed, seconds)

@@ -53,6 +53,11 @@ class StepCost:
                 raise ValueError(f"StepCost point ({n!r}, {t!r}) must be a positive int and a positive time")
         self.points = dict(sorted(self.points.items()))
 
+    @classmethod
+    def flat(cls) -> StepCost:
+        """A forward that costs the same whatever it feeds: every guess offered pays ("fixed" speculation)."""
+        return cls({1: 1.0, 1 << 20: 1.0}, learn=False, source="fixed")
+
     def __call__(self, n: int) -> float:
         """Estimated seconds of a forward feeding ``n >= 1`` tokens."""
         xs = list(self.points)
@@ -101,7 +106,7 @@ def _key(bb) -> tuple[str, bool]:
     parts = [name, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size,
              cfg.vocab_size, str(bb.dtype), bb.device.type, torch.get_num_threads(), torch.__version__,
              platform.machine(), platform.processor() or _cpu_name(),
-             bb.step is not None]  # a packed step (clp_fast.packed) costs ~half the plain one: another model
+             bb.step is not None]  # a packed step (clp_fast.models.packed) costs ~half the plain one: another model
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16], bool(name)
 
 
@@ -150,7 +155,7 @@ def measure(bb, sizes=MEASURED_SIZES, context: int = 64, reps: int = 3) -> StepC
 def step_cost(bb, *, refresh: bool = False) -> StepCost:
     """The cost model of this backbone here: from this process's cache, else from disk (named models), else
     measured now (a few seconds) and stored in both."""
-    from clp_fast.hub import clp_home
+    from clp_fast.models.hub import clp_home
 
     key, named = _key(bb)
     if not refresh and key in _CACHE:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clp_fast import graphs, packed
+from clp_fast.models import graphs, packed
 
 __all__ = ["StaticKVCache", "NativeBackbone"]
 
@@ -82,10 +82,10 @@ class NativeBackbone:
         plain = model.get_output_embeddings().weight  # [V, H]
         self.device, self.dtype = plain.device, plain.dtype
         # Every product of the step prepacked for oneDNN (bf16 on CPU; packed once per model, see
-        # clp_fast.packed), else None: the model's own modules.
+        # clp_fast.models.packed), else None: the model's own modules.
         self.step = packed.step_weights(model)
         # [V, H] LM head, plain or packed: pass it to backend.fused_heads / reference.head_rows, which multiply
-        # through clp_fast.packed.linear.
+        # through clp_fast.models.packed.linear.
         self.lm_head_weight = plain if self.step is None else self.step.lm_head
         H = plain.shape[1]
         # k = 0 head weight / bias for fused_heads' backbone-only call (greedy mode), built once.
@@ -132,12 +132,12 @@ class NativeBackbone:
         if self.step is None:
             return mlp(x)
         gate, up = self.step.layers[li].gate_up(x).chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate) * up)  # down stays plain (see clp_fast.packed.LayerWeights)
+        return mlp.down_proj(mlp.act_fn(gate) * up)  # down stays plain (see clp_fast.models.packed.LayerWeights)
 
     def decode_step(self, tokens: torch.Tensor, cache: StaticKVCache, new_len: torch.Tensor,
                     depth: torch.Tensor | None = None, anc: torch.Tensor | None = None):
         """:meth:`forward` for a decode step (after prefill), the way this device runs it fastest: eager on a
-        CPU, a CUDA graph of the static step at a fed-token bucket on a GPU (:mod:`clp_fast.graphs`)."""
+        CPU, a CUDA graph of the static step at a fed-token bucket on a GPU (:mod:`clp_fast.models.graphs`)."""
         kind = graphs.step_kind(self.device)
         if kind == "eager":
             return self.forward(tokens, cache, new_len, depth, anc)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from clp_fast.drafts.calibration import TreeCalibration
 from clp_fast.heads import MTPHeads
-from clp_fast.memory import check_cache_fits
-from clp_fast.model import NativeBackbone
-from clp_fast.tree import TreeCalibration
+from clp_fast.models.memory import check_cache_fits
+from clp_fast.models.native import NativeBackbone
 
 MODES = ("greedy", "lossless", "clp")
 POLICIES = ("clp", "gate")

