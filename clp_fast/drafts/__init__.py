@@ -10,6 +10,7 @@ prompt lookup are registered in :data:`REGISTRY` by name and enabled per call (`
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from clp_fast.drafts.base import Accepted, Branch, DraftSource, Layers, Proposal
@@ -19,8 +20,13 @@ from clp_fast.drafts.calibration import TreeCalibration
 # package's calibration tables, so this package's own import stays light).
 __all__ = ["Accepted", "Branch", "DraftSource", "Layers", "Proposal", "TreeCalibration", "REGISTRY", "make_sources"]
 
-# name -> factory(bb, heads, calib) -> DraftSource, for sources enabled by name (generate(..., drafts=[name])).
-REGISTRY: dict[str, Callable[..., DraftSource]] = {}
+# name -> factory(bb, heads, calib) -> DraftSource, or "module:attribute" naming one (imported on first use, so
+# importing clp_fast never imports a source's own dependencies), for generate(..., drafts=[name]).
+REGISTRY: dict[str, Callable[..., DraftSource] | str] = {
+    "eagle": "clp_fast.drafts.eagle:eagle_factory",  # the drafter given to clp_fast.drafts.eagle.use_drafter(model)
+    "datastore": "clp_fast.drafts.datastore:datastore_source",  # retrieval from the code corpus store
+    "outputs": "clp_fast.drafts.datastore:outputs_source",  # retrieval from this process's own outputs
+}
 
 
 def make_sources(drafts: list, bb, heads, calib: TreeCalibration | None) -> list[DraftSource]:
@@ -30,7 +36,7 @@ def make_sources(drafts: list, bb, heads, calib: TreeCalibration | None) -> list
         if isinstance(d, str):
             if d not in REGISTRY:
                 raise ValueError(f"draft source {d!r} is not registered; known: {sorted(REGISTRY)}")
-            d = REGISTRY[d]
+            d = _resolve(REGISTRY[d])
         if not callable(d):
             raise TypeError(f"a draft source must be a registered name or a factory, got {type(d).__name__}")
         src = d(bb, heads, calib)
@@ -38,3 +44,11 @@ def make_sources(drafts: list, bb, heads, calib: TreeCalibration | None) -> list
             raise TypeError(f"draft factory {d!r} returned {type(src).__name__}, not a DraftSource")
         out.append(src)
     return out
+
+
+def _resolve(entry):
+    """A registry entry as a factory: ``"module:attribute"`` is imported here."""
+    if not isinstance(entry, str):
+        return entry
+    module, _, attr = entry.partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -66,12 +66,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--overwrite", action="store_true", help="replace --out (and its cache)")
     a("--budget", default=None, help="wall-time budget note recorded in the training card")
     a("--threads", type=int, default=None, help="torch threads (default: leave as is)")
+    a("--drafter", default="heads", choices=["heads", "eagle"],
+      help="what to train: the MTP heads + CLP (default) or the EAGLE-style drafter (clp_fast.train.eagle)")
+    from clp_fast.train.eagle import add_eagle_arguments
+
+    add_eagle_arguments(parser)
     return parser
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``clp-fast train`` from parsed arguments; returns the exit status."""
     from clp_fast.train.api import train_heads
+
+    if getattr(args, "drafter", "heads") == "eagle":
+        from clp_fast.train.eagle import run_train_eagle
+
+        return run_train_eagle(args)
 
     ablation = None
     if args.ablation:

@@ -1,0 +1,387 @@
+"""Training the EAGLE-style drafter (:mod:`clp_fast.drafts.eagle`) on the cached shards of real code.
+
+Data: the shards of :mod:`clp_fast.train.build` (teacher-forced windows of real code, greedy continuations),
+built and resumed by the heads' own pipeline (:func:`clp_fast.train.api.train_heads` with ``data_only``).
+Each window gives pairs ``(h_i, x_{i+1})``; the drafter reads token ``x_{i+1}``, so the backbone's distribution
+at ``i + 1`` (the target) is conditioned on exactly the token it reads: teacher-forced text is clean data here.
+
+Loss, at every unrolled depth ``j = 1..depth`` (**training-time test**: depth ``j > 1`` feeds the drafter its
+own output feature of depth ``j - 1``, as drafting does, with the text's token): KL from the backbone's cached
+top-k distribution at ``i + j`` to the drafter's softmax (over a sampled candidate vocabulary, as the heads'
+fit does), plus ``reg_weight`` x smooth-L1 of the predicted feature against ``h_{i+j}`` (EAGLE's regression).
+Attention at depth ``j`` sees the committed pairs ``<= i`` (depth 1) and the anchor's own deeper pairs, the mask
+drafting uses.
+
+Checkpoints (drafter, optimiser, step) are written atomically every ``checkpoint_every`` steps; the batch
+schedule is a pure function of the seed, so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from clp_fast.drafts.eagle import EagleDrafter
+from clp_fast.faults import kill_point
+from clp_fast.train import losses
+from clp_fast.train.config import RUN_MARKER, atomic_torch_save, atomic_write_text, log, seeded
+from clp_fast.train.shards import load_shard, shard_paths
+
+__all__ = ["EagleTrainConfig", "unrolled", "unrolled_loss", "train_eagle", "evaluate_eagle", "CKPT_NAME"]
+
+CKPT_NAME = "eagle_checkpoint.pt"
+TRAIN_KINDS = ("tf", "gen")
+
+
+@dataclasses.dataclass
+class EagleTrainConfig:
+    """What shapes the drafter's training (the data options are :class:`clp_fast.train.config.TrainConfig`'s)."""
+
+    depth: int = 3  # unrolled steps of the training-time test (>= 1; EAGLE-3 uses >= 3)
+    epochs: int = 1
+    batch_windows: int = 4  # windows per step
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    kl_topk: int = 32
+    reg_weight: float = 0.1  # smooth-L1 feature regression beside the KL (EAGLE: 1.0 feature + 0.1 CE)
+    negatives: int = 1024  # random candidate ids of the sampled softmax
+    draft_vocab: int | None = None
+    checkpoint_every: int = 50
+    seed: int = 0
+    max_steps: int | None = None  # stop early (a CPU-time budget); None: every batch of every epoch
+
+    def validate(self) -> None:
+        for name in ("depth", "epochs", "batch_windows", "kl_topk", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive int")
+        if self.lr <= 0 or self.reg_weight < 0 or self.negatives < 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0, reg_weight={self.reg_weight!r} and "
+                             f"negatives={self.negatives!r} >= 0")
+
+
+def ttt_mask(T: int, j: int, device) -> torch.Tensor:
+    """``[1, 1, T, j * T]`` bool: at depth ``j`` the pair anchored at ``i`` sees depth-1 pairs ``<= i`` and its
+    own pairs of depths ``2..j`` (keys laid out depth after depth)."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    return torch.cat([causal] + [eye] * (j - 1), dim=1)[None, None]
+
+
+def unrolled(drafter: EagleDrafter, embed: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
+             depth: int) -> list[torch.Tensor]:
+    """The drafter over teacher-forced windows, unrolled ``depth`` times.
+
+    Args:
+        hidden: ``[n, L, H]`` the backbone's final hidden states.
+        tokens: ``[n, L]`` the text.
+
+    Returns:
+        per depth ``j`` (1-based), the predicted features ``[n, T, H]`` (``T = L - 1`` anchors): anchor ``i``'s
+        guess of ``h_{i+j}`` (its LM-head row guesses token ``i + j + 1``). Anchors whose inputs run past the
+        window are garbage; the loss masks them.
+    """
+    n, L, _ = hidden.shape
+    T = L - 1
+    dt = next(drafter.parameters()).dtype
+    pos = torch.arange(T, device=hidden.device)[None].expand(n, T)
+    feat = hidden[:, :T].to(dt)
+    ks, vs, outs = None, None, []
+    for j in range(1, depth + 1):
+        tok = torch.zeros(n, T, dtype=torch.long, device=hidden.device)
+        tok[:, : L - j] = tokens[:, j:]  # x_{i+j}
+        out, k, v = drafter(feat, embed(tok), pos + (j - 1), ks, vs, ttt_mask(T, j, hidden.device))
+        ks = k if ks is None else torch.cat([ks, k], dim=2)
+        vs = v if vs is None else torch.cat([vs, v], dim=2)
+        outs.append(out)
+        feat = out
+    return outs
+
+
+def unrolled_loss(drafter: EagleDrafter, embed: torch.nn.Module, W: torch.Tensor, data: dict, cfg: EagleTrainConfig,
+                  gen: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+    """One batch's loss: mean over depths of (KL to the backbone's top-k + ``reg_weight`` x smooth-L1 feature).
+
+    ``data``: a shard's tensors for ``n`` windows (``hidden [n, L, H]``, ``tokens``, ``top_ids`` / ``top_logp``
+    ``[n, L, K]``, ``length``, ``start`` ``[n]``); ``W [V, H]`` the LM head (fp32). Returns the loss and the
+    per-depth KL values.
+    """
+    hidden, tokens = data["hidden"].float(), data["tokens"].long()
+    n, L, H = hidden.shape
+    T = L - 1
+    Vd = drafter.draft_vocab
+    length, start = data["length"].long(), data["start"].long()
+    outs = unrolled(drafter, embed, hidden, tokens, cfg.depth)
+    i = torch.arange(T)[None]
+    total, per_depth = hidden.new_zeros(()), []
+    for j, f in enumerate(outs, start=1):
+        ok = (i >= start[:, None]) & (i + j <= length[:, None] - 1)  # [n, T]
+        if not bool(ok.any()):
+            per_depth.append(0.0)
+            continue
+        tgt = (i + j).clamp(max=L - 1).expand(n, T)
+        f_ok = f[ok]  # [R, H]
+        top_ids = data["top_ids"].long().gather(1, tgt[..., None].expand(-1, -1, data["top_ids"].shape[-1]))[ok]
+        top_lp = data["top_logp"].float().gather(1, tgt[..., None].expand(-1, -1, data["top_logp"].shape[-1]))[ok]
+        top_ids, top_lp = top_ids[:, : cfg.kl_topk], top_lp[:, : cfg.kl_topk]
+        cand = losses.candidates(top_ids[:, 0], top_ids, Vd, cfg.negatives, gen)
+        kl = losses.topk_kl(f_ok.float() @ W[cand].t(), cand, top_ids, top_lp, Vd).mean()
+        h_t = hidden.gather(1, tgt[..., None].expand(-1, -1, H))[ok]
+        reg = F.smooth_l1_loss(f_ok.float(), h_t) if cfg.reg_weight else kl.new_zeros(())
+        total = total + (kl + cfg.reg_weight * reg) / cfg.depth
+        per_depth.append(float(kl.detach()))
+    return total, per_depth
+
+
+def _windows(paths: list[Path]) -> list[int]:
+    from safetensors import safe_open
+
+    sizes = []
+    for p in paths:
+        with safe_open(str(p), framework="pt") as f:
+            sizes.append(f.get_slice("length").get_shape()[0])
+    return sizes
+
+
+def _schedule(sizes: list[int], cfg: EagleTrainConfig) -> list[tuple[int, int, int]]:
+    """Every step's (epoch, shard, batch-in-shard): a pure function of the seed."""
+    steps = []
+    for e in range(cfg.epochs):
+        for s in torch.randperm(len(sizes), generator=seeded(cfg.seed, "eagle", e)).tolist():
+            steps += [(e, s, b) for b in range(math.ceil(sizes[s] / cfg.batch_windows))]
+    return steps[: cfg.max_steps] if cfg.max_steps else steps
+
+
+def _lr(step: int, total: int, cfg: EagleTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def after_step(step: int) -> None:
+    """Called after every optimiser step (a seam for tests that simulate an interruption)."""
+
+
+def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, progress: bool = True) -> dict:
+    """Optimise ``drafter`` (fp32) over the training shards in ``cache``, resuming from its checkpoint."""
+    from clp_fast.heads import lm_head_fingerprint
+
+    paths = [p for kind in TRAIN_KINDS for p in shard_paths(cache, kind)]
+    if not paths:
+        raise ValueError(f"no training shards in {cache}: build the data first")
+    sizes = _windows(paths)
+    steps = _schedule(sizes, cfg)
+    W = model.get_output_embeddings().weight.detach().float()
+    embed = model.get_input_embeddings()
+    fingerprint = lm_head_fingerprint(W)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step, history = 0, []
+    ckpt = cache / CKPT_NAME
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state["fingerprint"] != fingerprint or state["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"{ckpt} is from another backbone or other training options; delete it or use "
+                             f"--overwrite to start again")
+        drafter.load_state_dict(state["drafter"])
+        opt.load_state_dict(state["opt"])
+        step, history = state["step"], state["history"]
+    t0 = time.perf_counter()
+    cur, data = -1, None
+    bar = tqdm(total=len(steps), initial=step, desc="eagle", unit="step", disable=not progress, dynamic_ncols=True)
+    drafter.train()
+    while step < len(steps):
+        e, s, b = steps[step]
+        if s != cur:
+            data, cur = load_shard(paths[s]), s
+        perm = torch.randperm(sizes[s], generator=seeded(cfg.seed, "eagle", e, s))
+        sel = perm[b * cfg.batch_windows : (b + 1) * cfg.batch_windows]
+        batch = {key: data[key][sel] for key in ("hidden", "tokens", "top_ids", "top_logp", "length", "start")}
+        L = int(batch["length"].max())
+        batch = {key: (t[:, :L] if t.dim() > 1 else t) for key, t in batch.items()}
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, len(steps), cfg)
+        loss, per_depth = unrolled_loss(drafter, embed, W, batch, cfg, seeded(cfg.seed, "eagle-neg", step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step == 1 or step % 10 == 0 or step == len(steps):
+            history.append([step, float(loss.detach()), *per_depth])
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", kl1=f"{per_depth[0]:.3f}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 and step < len(steps):
+            atomic_torch_save({"drafter": {n: t.detach().clone() for n, t in drafter.state_dict().items()},
+                               "opt": opt.state_dict(), "step": step, "history": history,
+                               "fingerprint": fingerprint, "config": dataclasses.asdict(cfg)}, ckpt)
+            kill_point("eagle:checkpoint")
+        after_step(step)
+    bar.close()
+    drafter.eval()
+    return {"steps": len(steps), "windows": sum(sizes), "loss_history": history,
+            "loss_columns": ["step", "loss"] + [f"kl_depth{j}" for j in range(1, cfg.depth + 1)],
+            "seconds_this_run": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: str = "heldout_tf",
+                   max_windows: int = 64) -> dict:
+    """Per-depth top-1 accuracy on ``kind`` shards (teacher-forced tokens, the drafter fed its own features):
+    ``acc[j-1]`` = P(depth-j guess == the backbone's argmax), ``chain[j-1]`` = P(depths 1..j all right), and
+    ``tau = 1 + sum(chain)`` (a greedy chain's expected tokens per step where the text is the backbone's own)."""
+    W = model.get_output_embeddings().weight.detach()
+    embed = model.get_input_embeddings()
+    right = torch.zeros(depth)
+    chain_right = torch.zeros(depth)
+    count = 0
+    seen = 0
+    for p in shard_paths(cache, kind):
+        data = load_shard(p)
+        n = min(data["length"].shape[0], max_windows - seen)
+        if n <= 0:
+            break
+        seen += n
+        for w in range(n):
+            L = int(data["length"][w])
+            hid = data["hidden"][w : w + 1, :L].float()
+            tok = data["tokens"][w : w + 1, :L].long()
+            am = data["argmax"][w, :L].long()
+            outs = unrolled(drafter, embed, hid, tok, depth)
+            T = L - 1
+            i = torch.arange(T)
+            ok = (i >= int(data["start"][w])) & (i + depth <= L - 1)
+            if not bool(ok.any()):
+                continue
+            hits = []
+            for j, f in enumerate(outs, start=1):
+                guess = F.linear(f[0].to(W.dtype), W[: drafter.draft_vocab]).float().argmax(-1)
+                hits.append(guess == am[(i + j).clamp(max=L - 1)])
+            hits = torch.stack(hits, 1)[ok]  # [R, depth]
+            right += hits.float().sum(0)
+            chain_right += hits.long().cumprod(1).float().sum(0)
+            count += hits.shape[0]
+    if count == 0:
+        return {"positions": 0}
+    acc, chain = (right / count).tolist(), (chain_right / count).tolist()
+    return {"positions": count, "kind": kind, "acc": acc, "chain": chain, "tau": 1 + sum(chain)}
+
+
+def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                resume: bool = False, overwrite: bool = False, progress: bool = True, backbone: str | None = None,
+                command: str | None = None, data: dict | None = None, save_dtype: torch.dtype = torch.bfloat16,
+                **options) -> EagleDrafter:
+    """Build (or reuse) the data cache, train a drafter, evaluate it on held-out windows, save it with a card.
+
+    Args:
+        model: a loaded Qwen2 / Llama causal LM (frozen here).
+        out_dir: output folder (``drafter.safetensors``, ``config.json``, ``training_card.json/.md``); must not
+            hold files unless ``resume`` or ``overwrite``.
+        cache_dir: the data cache (default: the heads' default for ``out_dir``); shards already there that match
+            the data options are reused.
+        data: data options for :func:`clp_fast.train.api.train_heads` (``max_tokens``, ``heldout_tokens``,
+            ``window``, ``gen_prompts``, ``corpus``, ``stdlib``, ``tokenizer`` ...).
+        **options: :class:`EagleTrainConfig` fields.
+
+    Returns:
+        The trained drafter, as saved then loaded (fp32).
+    """
+    from clp_fast.train.api import _default_cache, train_heads
+
+    t_start = time.perf_counter()
+    fields = {f.name for f in dataclasses.fields(EagleTrainConfig)}
+    if set(options) - fields:
+        raise TypeError(f"unknown drafter training option(s) {sorted(set(options) - fields)}; known: {sorted(fields)}")
+    cfg = EagleTrainConfig(**options)
+    cfg.validate()
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(f"output folder {out_dir} already exists; pass --resume (resume=True) to continue an "
+                              f"interrupted run or --overwrite (overwrite=True) to replace it")
+    marker = out_dir / RUN_MARKER
+    if cache_dir is None and resume and marker.is_file():
+        cache_dir = json.loads(marker.read_text()).get("cache_dir")
+    cache = Path(cache_dir) if cache_dir else _default_cache(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"cache_dir": str(cache)}))
+    if overwrite or not resume:
+        (cache / CKPT_NAME).unlink(missing_ok=True)
+    data = dict(data or {})
+    data.setdefault("epochs", 1)
+    t = time.perf_counter()
+    data_stats = train_heads(model, cache / "data-run", cache_dir=cache, data_only=True, resume=True,
+                             grow_data=True, progress=progress, **data)
+    data_seconds = time.perf_counter() - t
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    drafter = EagleDrafter.for_model(model, draft_vocab=cfg.draft_vocab,
+                                     backbone=backbone or str(getattr(model.config, "_name_or_path", ""))).float()
+    fit = fit_eagle(drafter, model, cache, cfg, progress)
+    ev = evaluate_eagle(drafter, model, cache, cfg.depth)
+    log(f"held-out per-depth top-1 {ev.get('acc')} chain {ev.get('chain')} tau {ev.get('tau')}", progress)
+    card = {"command": command, "config": dataclasses.asdict(cfg), "data": data_stats, "data_seconds": data_seconds,
+            "fit": {k: v for k, v in fit.items() if k != "loss_history"}, "loss_history": fit["loss_history"],
+            "heldout": ev, "wall_seconds": time.perf_counter() - t_start}
+    drafter.extra = {"training": {"command": command, "heldout": ev, "steps": fit["steps"]}}
+    drafter.save_pretrained(out_dir, dtype=save_dtype)
+    atomic_write_text(out_dir / "training_card.json", json.dumps(card, indent=1) + "\n")
+    atomic_write_text(out_dir / "training_card.md", _card_md(card))
+    if (cache / CKPT_NAME).is_file():
+        (cache / CKPT_NAME).unlink()
+    return EagleDrafter.from_pretrained(out_dir, model=model)
+
+
+def _card_md(card: dict) -> str:
+    ev = card["heldout"]
+    lines = ["# EAGLE-style drafter: training card", "", f"Command: `{card['command']}`", "",
+             f"Steps: {card['fit']['steps']} over {card['fit']['windows']} windows; "
+             f"fit {card['fit']['seconds_this_run']:.0f} s this run; data {card['data_seconds']:.0f} s; "
+             f"wall {card['wall_seconds']:.0f} s.", ""]
+    if ev.get("positions"):
+        lines += [f"Held-out ({ev['kind']}, {ev['positions']} positions, teacher-forced tokens, own features):", "",
+                  "| depth | top-1 | chain (all right to here) |", "|---|---:|---:|"]
+        lines += [f"| {j} | {a:.3f} | {c:.3f} |" for j, (a, c) in enumerate(zip(ev["acc"], ev["chain"]), start=1)]
+        lines += ["", f"Chain tau (1 + sum of chain): {ev['tau']:.3f}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def add_eagle_arguments(parser) -> None:
+    """The ``--drafter eagle`` options of ``clp-fast train``."""
+    d = EagleTrainConfig()
+    a = parser.add_argument
+    a("--eagle-depth", type=int, default=d.depth, help="unrolled training-time-test depth (default %(default)s)")
+    a("--eagle-batch-windows", type=int, default=d.batch_windows, help="windows per step (default %(default)s)")
+    a("--eagle-lr", type=float, default=d.lr)
+    a("--eagle-reg-weight", type=float, default=d.reg_weight)
+    a("--eagle-max-steps", type=int, default=None, help="stop after this many steps (a CPU budget)")
+
+
+def run_train_eagle(args) -> int:
+    """``clp-fast train --drafter eagle``: the data options as for the heads, then the drafter's."""
+    from clp_fast.models.hub import load_model
+    from clp_fast.train.cli import _FIELDS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    data_keys = ("max_tokens", "heldout_tokens", "gen_prompts", "heldout_prompts", "gen_new_tokens", "window",
+                 "top_k", "max_ram_gb", "seed", "gen_batch", "prefill_batch", "dtype")
+    data = {k: getattr(args, k) for k in data_keys if k in _FIELDS}
+    data.update(tokenizer=tokenizer, corpus=args.corpus, stdlib=not args.no_stdlib, backbone=args.model)
+    train_eagle(model, args.out, cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite,
+                backbone=args.model, data=data, command="clp-fast " + shlex.join(sys.argv[1:]),
+                depth=args.eagle_depth, batch_windows=args.eagle_batch_windows, lr=args.eagle_lr,
+                reg_weight=args.eagle_reg_weight, max_steps=args.eagle_max_steps, epochs=args.epochs,
+                draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    return 0

@@ -1,0 +1,287 @@
+"""The EAGLE-style drafter (clp_fast.drafts.eagle) as a draft source, and its training (clp_fast.train.eagle).
+
+Lossless output is checked against transformers' greedy, the drafter's cache against a fresh teacher-forced
+forward over the committed tokens (nothing drafted may leak into it), acceptance with a drafter overfitted on
+the continuation it is asked for, and a resumed training run against an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import clp_fast
+from clp_fast.drafts import eagle
+from clp_fast.drafts.eagle import EagleDrafter, EagleSource
+from clp_fast.engine import generate_processed, sampling
+from clp_fast.heads import MTPHeads
+from clp_fast.train import eagle as train_eagle_mod
+from clp_fast.train.eagle import EagleTrainConfig, unrolled, unrolled_loss
+from tests.conftest import assert_equal_ids, left_pad, tiny_model
+from tests.test_decode import PROMPTS, hf_greedy
+
+N_NEW = 24
+ORACLE_PROMPT = [5, 17, 300, 2, 999, 41, 8]
+
+
+def mute_heads(model):
+    """One MTP head whose CLP takes none of its guesses: lossless decoding needs heads, these add no guess in fixed
+    speculation (adaptive speculation feeds its depth-1 guess), so deeper accepted guesses are the drafter's."""
+    heads = MTPHeads.for_model(model, 1)
+    with torch.no_grad():
+        heads.clp.linear.bias.fill_(-10.0)
+    return heads
+
+
+def random_drafter(model, std: float = 0.05) -> EagleDrafter:
+    torch.manual_seed(7)
+    return EagleDrafter.for_model(model, init="random", std=std)
+
+
+def decode(model, ids, mask, drafter, depth=3, speculation="fixed", n=N_NEW, record=None):
+    def factory(bb, heads, calib):
+        src = EagleSource(bb, drafter, depth)
+        if record is not None:
+            record.append(src)
+        return src
+
+    return clp_fast.generate(model, ids, mute_heads(model), attention_mask=mask, max_new_tokens=n, mode="lossless",
+                             eos_token_id=[], pad_token_id=0, prompt_lookup=0, drafts=[factory],
+                             speculation=speculation, return_stats=True)
+
+
+def window_data(model, seq: list[int], top_k: int = 32) -> dict:
+    """One teacher-forced window as the training shards hold it: hidden, tokens, the backbone's top-k."""
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+        logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
+    lp, top = logp.topk(top_k, -1)
+    return {"hidden": hidden, "tokens": ids, "top_ids": top, "top_logp": lp, "length": torch.tensor([len(seq)]),
+            "start": torch.tensor([0]), "argmax": logp.argmax(-1)}
+
+
+def overfit(model, seq: list[int], steps: int = 250, depth: int = 3) -> EagleDrafter:
+    """A drafter trained on one sequence with the training loss (teacher forcing + unrolled own features)."""
+    torch.manual_seed(3)
+    d = EagleDrafter.for_model(model)
+    cfg = EagleTrainConfig(depth=depth, negatives=0, reg_weight=0.1)
+    data = window_data(model, seq)
+    W = model.lm_head.weight.detach()
+    opt = torch.optim.Adam(d.parameters(), lr=3e-3)
+    for s in range(steps):
+        loss, _ = unrolled_loss(d, model.get_input_embeddings(), W, data, cfg, torch.Generator().manual_seed(s))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return d.eval()
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """The tiny Qwen2 model, its greedy continuation of ORACLE_PROMPT and a drafter overfitted on it."""
+    model = tiny_model("qwen2")
+    ids = torch.tensor([ORACLE_PROMPT])
+    want = hf_greedy(model, ids, torch.ones_like(ids), 40)
+    return model, ids, want, overfit(model, want[0].tolist())
+
+
+# ------------------------------------------------------------------------------------ lossless == greedy
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("batch", ["B=1", "ragged B=4"])
+@pytest.mark.parametrize("speculation", ["fixed", "adaptive"])
+def test_lossless_with_a_random_drafter_equals_transformers_greedy(arch, batch, speculation):
+    model = tiny_model(arch)
+    rows = PROMPTS[:1] if batch == "B=1" else PROMPTS
+    ids, mask = left_pad(rows)
+    want = hf_greedy(model, ids, mask, N_NEW)
+    got, st = decode(model, ids, mask, random_drafter(model), speculation=speculation)
+    assert_equal_ids(got, want)
+    if speculation == "fixed":
+        assert st.drafted > 0  # the drafter's chains were fed and verified
+
+
+def test_overfitted_drafter_guesses_are_accepted_and_output_stays_greedy(oracle):
+    """The drafter trained on the very continuation it is asked for: long chains accepted (depth 3 and 4:
+    deeper than any one-token guess), output equal to transformers' greedy. A random drafter on the same
+    prompt is the control."""
+    model, ids, want, d = oracle
+    mask = torch.ones_like(ids)
+    got, st = decode(model, ids, mask, d, depth=4, n=32)
+    assert_equal_ids(got, want[:, : ids.shape[1] + 32])
+    assert sum(st.accept_hist[3:]) >= 3, st.accept_hist
+    assert st.tau > 2.0, (st.tau, st.accept_hist)
+    _, ctrl = decode(model, ids, mask, random_drafter(model), depth=4, n=32)
+    assert ctrl.tau < st.tau - 0.5, (ctrl.tau, st.tau)
+
+
+def test_training_windows_teach_the_drafter_per_depth(oracle):
+    """Teacher-forced, own-feature accuracy of the overfitted drafter at depths 1..3 (the quantity the
+    training card reports), against the backbone's argmax at the same positions."""
+    model, _, want, d = oracle
+    data = window_data(model, want[0].tolist())
+    with torch.no_grad():
+        outs = unrolled(d, model.get_input_embeddings(), data["hidden"], data["tokens"], 3)
+    L = want.shape[1]
+    for j, f in enumerate(outs, start=1):
+        guess = model.lm_head(f[0, : L - 1 - j]).argmax(-1)
+        acc = (guess == data["argmax"][0, j : L - 1]).float().mean()
+        assert acc > 0.8, (j, float(acc))  # an untrained (identity) drafter: ~1 / vocab
+
+
+@pytest.mark.parametrize("drafter_kind", ["random", "overfitted"])
+def test_drafter_cache_holds_only_committed_pairs(oracle, drafter_kind):
+    """After decoding (ragged B = 4 with the random drafter; B = 1 with accepted and rejected chains for the
+    overfitted one), each row's drafter K/V and last output equal a fresh teacher-forced forward over the pairs
+    of the tokens it committed, computed from transformers' hidden states: no drafted pair leaked in."""
+    model, ids, want, d = oracle
+    if drafter_kind == "random":
+        d = random_drafter(model)
+        ids, mask = left_pad(PROMPTS)
+    else:
+        mask = torch.ones_like(ids)
+    made = []
+    out, st = decode(model, ids, mask, d, depth=4, n=N_NEW, record=made)
+    (src,) = made
+    for b in range(ids.shape[0]):
+        seq = out[b][torch.cat([mask[b].bool(), torch.ones(N_NEW, dtype=torch.bool)])]
+        m = int(src.lengths[b])
+        assert len(ORACLE_PROMPT if drafter_kind != "random" else PROMPTS[b]) <= m < len(seq)
+        with torch.no_grad():
+            h = model.model(seq[None]).last_hidden_state
+            mask_full = torch.ones(1, 1, m, m, dtype=torch.bool).tril()
+            f, k, _ = d(h[:, :m], model.get_input_embeddings()(seq[None, 1 : m + 1]), torch.arange(m)[None], None,
+                        None, mask_full)
+        torch.testing.assert_close(src.k[b, :, :m], k[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(src.last[b], f[0, m - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_with_the_drafter_matches_enumeration():
+    """generate_processed with the drafter's chains: the first three sampled tokens follow the processed
+    distribution (chi-square against exact enumeration, as tests/test_sampling.py), the drafts were accepted and
+    rejected; a rule that accepts every draft is rejected by the same check."""
+    from tests.test_sampling import PROMPT, SMALL_V, chi2_pvalue, exact_first3, processors
+
+    model = tiny_model("qwen2", vocab_size=SMALL_V)
+    d = EagleDrafter.for_model(model)  # identity init: guesses the backbone's own argmax again
+
+    def sample(seed, n=8000):
+        ids = torch.tensor([PROMPT] * n)
+        g = torch.Generator().manual_seed(seed)
+        out, st = generate_processed(model, ids, mute_heads(model), max_new_tokens=3, mode="lossless",
+                                     logits_processor=processors(), do_sample=True, generator=g, eos_token_id=[],
+                                     max_step_tokens=None, prompt_lookup=0, drafts=[EagleSource.factory(d, 2)],
+                                     return_stats=True)
+        new = out[:, len(PROMPT):]
+        return (new[:, 0] * SMALL_V + new[:, 1]) * SMALL_V + new[:, 2], st
+
+    exact = exact_first3(model)
+    codes, st = sample(11)
+    assert min(st.accept_hist[:2]) > 200, st.accept_hist
+    p = chi2_pvalue(torch.bincount(codes, minlength=SMALL_V ** 3), exact)
+    assert p > 1e-3, f"chi-square p={p:.2e}"
+    original = sampling.accept_draft
+    try:
+        sampling.accept_draft = lambda p_x, u: torch.ones_like(u, dtype=torch.bool)
+        bad, _ = sample(11)
+    finally:
+        sampling.accept_draft = original
+    assert chi2_pvalue(torch.bincount(bad, minlength=SMALL_V ** 3), exact) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ persistence, errors
+def test_save_load_round_trip_and_registered_name(tmp_path):
+    model = tiny_model("llama")
+    d = random_drafter(model)
+    d.save_pretrained(tmp_path / "d")
+    back = EagleDrafter.from_pretrained(tmp_path / "d", model=model)
+    for (n, a), (_, b) in zip(d.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids, mask = left_pad(PROMPTS)
+    want = hf_greedy(model, ids, mask, 12)
+    with pytest.raises(ValueError, match="use_drafter"):
+        clp_fast.generate(model, ids, mute_heads(model), attention_mask=mask, max_new_tokens=12, eos_token_id=[],
+                          pad_token_id=0, drafts=["eagle"])
+    eagle.use_drafter(model, tmp_path / "d", depth=3)
+    try:
+        got = clp_fast.generate(model, ids, mute_heads(model), attention_mask=mask, max_new_tokens=12, eos_token_id=[],
+                                pad_token_id=0, prompt_lookup=0, drafts=["eagle"], speculation="fixed")
+    finally:
+        eagle.use_drafter(model, None)
+    assert_equal_ids(got, want)
+
+
+def test_bad_drafters_and_files_are_named(tmp_path):
+    qwen, llama = tiny_model("qwen2"), tiny_model("llama")
+    d = random_drafter(llama)
+    d.save_pretrained(tmp_path / "d")
+    with pytest.raises(ValueError, match="another backbone"):
+        EagleDrafter.from_pretrained(tmp_path / "d", model=qwen)
+    with pytest.raises(ValueError, match="depth=0"):
+        decode(llama, *left_pad(PROMPTS[:1]), d, depth=0)
+    with pytest.raises(TypeError, match="EagleDrafter"):
+        EagleSource(None, object())
+    with pytest.raises(ValueError, match="draft_vocab=2000"):
+        EagleDrafter.for_model(llama, draft_vocab=2000)
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        EagleDrafter.from_pretrained(tmp_path / "nowhere")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    w = tmp_path / "d" / "drafter.safetensors"
+    saved = w.read_bytes()
+    w.unlink()
+    with pytest.raises(FileNotFoundError, match="drafter.safetensors is missing"):
+        EagleDrafter.from_pretrained(tmp_path / "d")
+    w.write_bytes(saved)
+    w.write_bytes(w.read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(ValueError, match="sha256"):
+        EagleDrafter.from_pretrained(tmp_path / "d")
+    del cfg["head_dim"]
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="lacks the field 'head_dim'"):
+        EagleDrafter.from_pretrained(tmp_path / "d")
+
+
+# ------------------------------------------------------------------------------------ training
+class ByteTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return list(text.encode("utf-8"))
+
+
+DATA = dict(max_tokens=1600, heldout_tokens=300, window=48, skip_first=4, gen_prompts=0, heldout_prompts=2,
+            gen_new_tokens=4, prompt_chars=160, batch_size=64, prefill_batch=8, gen_batch=8, max_ram_gb=0.0003,
+            stdlib=False, exclude=[])
+
+
+def _train(model, tmp, name, **kw):
+    from clp_fast.eval.data import stdlib_dir
+
+    data = {**DATA, "tokenizer": ByteTokenizer(), "corpus": [str(stdlib_dir() / "json")]}
+    opts = dict(depth=3, batch_windows=4, lr=3e-3, warmup_steps=2, checkpoint_every=5, negatives=64, max_steps=12)
+    return train_eagle_mod.train_eagle(model, tmp / name, cache_dir=tmp / f"{name}-cache", data=data,
+                                       progress=False, save_dtype=torch.float32, **{**opts, **kw})
+
+
+def test_training_resumes_to_the_same_weights_after_a_kill(tmp_path, monkeypatch):
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    ref = _train(model, tmp_path, "ref")
+    card = json.loads((tmp_path / "ref" / "training_card.json").read_text())
+    assert card["heldout"]["positions"] > 0 and len(card["heldout"]["acc"]) == 3
+    losses = [row[1] for row in card["loss_history"]]
+    assert losses[-1] < losses[0], losses  # it trained
+
+    def kill(step):
+        if step == 7:  # after the checkpoint at step 5: steps 6-7 are redone on resume
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_eagle_mod, "after_step", kill)
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, tmp_path, "out")
+    assert (tmp_path / "out-cache" / train_eagle_mod.CKPT_NAME).is_file()
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="--resume"):
+        _train(model, tmp_path, "out")
+    got = _train(model, tmp_path, "out", resume=True)
+    for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), n
