@@ -110,8 +110,10 @@ def env(**values):
 
 def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int, threshold: float | None,
                  counter: ForwardCounter, speculation: str = "adaptive",
-                 compiled_cache_len: int | None = None) -> list[Method]:
-    """The methods of the single-stream table, in table order; ``compiled_cache_len`` adds the compiled peer."""
+                 compiled_cache_len: int | None = None, datastore=None) -> list[Method]:
+    """The methods of the single-stream table, in table order; ``compiled_cache_len`` adds the compiled peer,
+    ``datastore`` (a :func:`clp_fast.drafts.datastore.datastore_factory`) a lossless k=2 row with the retrieval
+    drafts beside the plain one (``run_bench.py --datastore``)."""
     from transformers import GenerationConfig
 
     def hf(**extra):
@@ -125,7 +127,7 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
             return out, {"forward_passes": counter.n - before}
         return run
 
-    def ours(mode, k, policy="clp", pack="1"):
+    def ours(mode, k, policy="clp", pack="1", drafts=None):
         h = heads.truncated(k) if k else None
 
         def run(ids, mask, n):
@@ -136,10 +138,14 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
             out, st = clp_fast.generate(model, ids, h, attention_mask=mask, max_new_tokens=n, mode=mode,
                                         eos_token_id=eos, pad_token_id=pad, policy=policy,
                                         clp_threshold=threshold if mode == "clp" and policy == "clp" else None,
-                                        return_stats=True, **({"speculation": speculation} if mode == "lossless"
-                                                              else {}))
-            return out, {"forward_passes": st.forward_passes, "row_forwards": st.row_forwards,
-                         "accept_hist": st.accept_hist, "new_tokens": st.new_tokens, "drafted": st.drafted}
+                                        return_stats=True, drafts=drafts,
+                                        **({"speculation": speculation} if mode == "lossless" else {}))
+            info = {"forward_passes": st.forward_passes, "row_forwards": st.row_forwards,
+                    "accept_hist": st.accept_hist, "new_tokens": st.new_tokens, "drafted": st.drafted}
+            if drafts and getattr(drafts[0], "sources", None):  # retrieval drafts: accepted guesses per kind
+                src = drafts[0].sources[-1]
+                info["by_kind"] = {k: {"steps": src.steps[k], "accepted": src.accepted[k]} for k in src.kinds}
+            return out, info
         return run
 
     methods = [Method(BASELINE, None, hf(), "hf"), Method(PROMPT_LOOKUP, None, hf(prompt_lookup_num_tokens=10), "hf"),
@@ -149,6 +155,9 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
     if compiled_cache_len:
         methods.insert(1, compiled_hf_greedy(model, eos, pad, counter, compiled_cache_len))
     methods += [Method("clp_fast lossless", k, ours("lossless", k), "clp_fast") for k in ks]
+    if datastore is not None:
+        methods += [Method("clp_fast lossless + datastore", k, ours("lossless", k, drafts=[datastore]), "clp_fast")
+                    for k in ks if k == 2]
     methods += [Method("clp_fast clp", k, ours("clp", k), "clp_fast") for k in ks]
     if heads.gate is not None:
         methods.append(Method("gate", heads.k, ours("clp", heads.k, policy="gate"), "clp_fast"))

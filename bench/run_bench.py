@@ -11,7 +11,9 @@ Methods (batch 1): ``hf-greedy`` (transformers ``generate(do_sample=False)``, th
 ``hf-greedy + torch.compile`` (the compiled peer: static cache, inductor freezing; its compile time reported
 apart, ``--no-compiled-peer`` skips it), ``hf-prompt-lookup`` (``prompt_lookup_num_tokens=10``),
 ``clp_fast greedy`` (our engine, no heads: isolates engine overhead), ``clp_fast lossless`` and ``clp_fast clp``
-at each k, and ``gate`` (the ~1M-parameter gate policy in clp mode). Then a batched throughput table
+at each k, and ``gate`` (the ~1M-parameter gate policy in clp mode); with ``--datastore`` also
+``clp_fast lossless + datastore k=2`` (retrieval drafts, :mod:`clp_fast.drafts.datastore`) and its accepted guesses
+per kind of retrieval. Then a batched throughput table
 (left-padded HumanEval prompts, clp_fast lossless vs transformers batched greedy).
 
 Outputs: the table on stdout (progress bar on stderr), and in ``--out-dir``
@@ -131,6 +133,19 @@ def run_exactness(args, model, tok, heads, eos, pad, counter) -> int:
     return 0 if failures == 0 else 1
 
 
+def datastore_note(records: list[dict]) -> str:
+    """The retrieval row's accepted guesses per kind, summed over prompts (shared credit: a guess another source
+    also proposed counts for both)."""
+    tot: dict[str, list[int]] = {}
+    for rec in records:
+        for label, r in rec["results"].items():
+            for kind, c in r.get("by_kind", {}).items():
+                t = tot.setdefault(f"{label} / {kind}", [0, 0])
+                t[0], t[1] = t[0] + c["accepted"], t[1] + c["steps"]
+    return "Retrieval drafts, accepted guesses its branches held / row-steps it proposed in: " + "; ".join(
+        f"{k}: {a} / {s}" for k, (a, s) in tot.items()) + "."
+
+
 def write_prompts(args, model, tok) -> int:
     """``--write-prompts FILE``: the prompts this run would time, as token ids, for ``bench/vllm_peer.py``."""
     from clp_fast.models.hub import resolve_model_path
@@ -174,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of each method's warm-up call (0: none)")
     p.add_argument("--compiled-peer", action=argparse.BooleanOptionalAction, default=True,
                    help="the hf-greedy + torch.compile row (default on; compiling costs minutes on 2 cores)")
+    p.add_argument("--datastore", action="store_true",
+                   help="add a 'clp_fast lossless + datastore k=2' row: retrieval drafts from the code on this machine "
+                        "(clp_fast.drafts.datastore; built on first use, minutes)")
     p.add_argument("--write-prompts", metavar="FILE",
                    help="write this run's prompts (token ids, EOS, settings) as JSON for bench/vllm_peer.py and exit")
     p.add_argument("--exactness", action="store_true",
@@ -238,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(tok, args.n_humaneval, args.n_prose, args.seed)
     # one static-cache size for the whole run: the compiled peer's decode graph has one shape for every prompt
     cache_len = max(p.ids.shape[1] for p in prompts) + args.max_new_tokens if args.compiled_peer else None
+    store = None
+    if args.datastore:
+        from clp_fast.drafts.datastore import datastore_factory
+
+        store = datastore_factory(tok)
     methods = make_methods(model, heads, args.ks, eos, pad, args.clp_threshold, counter, args.speculation,
-                           compiled_cache_len=cache_len)
+                           compiled_cache_len=cache_len, datastore=store)
     wbytes = weight_bytes_per_token(model)
     bw = copy_bandwidth()
     mem = PeakRSS()
@@ -306,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                      "freezing + cpp.weight_prepack; prefill runs eager. Compiling: "
                      f"{warm_s.get(COMPILED, 0.0):.0f} s (its warm-up call, not in tok/s); {cp['recompiles']} timed "
                      f"call(s) compiled again (re-run, {cp['recompile_s']:.0f} s not in tok/s).")
+    if args.datastore:
+        notes.append(datastore_note(records))
     if vllm_skipped and not vllm_res:
         notes.append(f"vLLM rows not shown: {', '.join(vllm_skipped[:3])} ran other prompts or settings "
                      "(`make bench-vllm` runs this run's defaults).")

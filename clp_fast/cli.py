@@ -1,4 +1,4 @@
-"""Command line: ``clp-fast fetch | generate | train`` (also ``python -m clp_fast``)."""
+"""Command line: ``clp-fast fetch | generate | train | datastore build`` (also ``python -m clp_fast``)."""
 
 from __future__ import annotations
 
@@ -169,6 +169,34 @@ def _merge_stats(stats: list[dict]) -> dict:
             "accept_hist": hist, "wall_time_s": wall, "tokens_per_s": tokens / wall if wall else 0.0}
 
 
+def cmd_datastore(args) -> int:
+    """``clp-fast datastore build``: the retrieval store of a model's tokenizer (:mod:`clp_fast.drafts.datastore`),
+    opened if complete, else built; prints its folder, size and build figures as JSON."""
+    import logging
+    import resource
+    import time
+
+    from clp_fast.drafts.datastore import open_or_build
+    from clp_fast.models.hub import _load_tokenizer, resolve_model_path
+
+    logging.basicConfig(level=logging.INFO, format="clp-fast: %(message)s")
+    tok = _load_tokenizer(resolve_model_path(args.model))
+    if tok is None:
+        raise ValueError(f"--model {args.model}: no tokenizer files beside the model")
+    t0 = time.perf_counter()
+    store = open_or_build(tok, roots=[Path(p) for p in args.corpus] if args.corpus else None,
+                          progress=not args.quiet)
+    m = store.manifest
+    size = sum(f.stat().st_size for f in store.folder.iterdir())
+    print(json.dumps({"folder": str(store.folder), "tokens": store.n, "files": m["n_files"], "bytes_on_disk": size,
+                      "corpus_bytes": m["corpus_bytes"], "tokenize_seconds": m["tokenize_seconds"],
+                      "index_seconds": m["index_seconds"], "build_peak_rss_mib": m["peak_rss_mib"],
+                      "left_out": {k: (len(v) if isinstance(v, list) else v) for k, v in m["left_out"].items()},
+                      "this_call_seconds": round(time.perf_counter() - t0, 1),
+                      "this_call_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clp-fast", description="MTP heads + CLP for faster decoding")
     sub = p.add_subparsers(dest="command", required=True)
@@ -210,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="with --do-sample: seed of the sampling generator")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted (one prompt, no --json)")
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("datastore", help="the retrieval draft store (code on this machine, for drafts=['datastore'])")
+    dsub = d.add_subparsers(dest="action", required=True)
+    db = dsub.add_parser("build", help="build (or check) the store of a model's tokenizer; prints its figures")
+    db.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="known model name or local folder")
+    db.add_argument("--corpus", nargs="*", help="folders/files instead of the stdlib + installed packages")
+    db.add_argument("--quiet", action="store_true", help="no progress bar")
+    db.set_defaults(func=cmd_datastore)
 
     from clp_fast.train import add_train_arguments, run_train
 
