@@ -71,7 +71,7 @@ bench-batched: install
 bench-gpu-compile: install
 	$(PY) bench/gpu_compile_report.py
 
-# Executed HumanEval pass@1 of greedy, clp mode at a threshold sweep and the gate (sandboxed; see README).
+# Executed HumanEval pass@1 of greedy, clp mode at a threshold sweep and the gate (sandboxed; see docs/quality.md).
 EVAL_ARGS ?=
 eval: install
 	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet

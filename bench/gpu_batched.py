@@ -4,7 +4,7 @@ Random weights at the Qwen2.5-0.5B shape (no weights travel to the device), left
 96-128 tokens, 64 new tokens, no EOS. Per B: ms per forward and tokens/s of each method, the ratio to
 transformers in the same run, tokens fed per forward, and whether lossless equals clp_fast greedy. On a GPU
 these batches stay memory-bound, so the adaptive policy's measured cost model should keep speculating where
-the 2-core CPU stops (README, "Batches"). Called by ``bench/gpu_check.py``; tiny shapes under
+the 2-core CPU stops (docs/results.md, "Batches"). Called by ``bench/gpu_check.py``; tiny shapes under
 ``GPU_CHECK_TINY=1``.
 """
 

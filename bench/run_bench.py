@@ -17,7 +17,7 @@ per kind of retrieval. Then a batched throughput table
 (left-padded HumanEval prompts, clp_fast lossless vs transformers batched greedy).
 
 Outputs: the table on stdout (progress bar on stderr), and in ``--out-dir``
-``<date>-<host>-<commit>.{json,md,png}`` plus ``latest.md`` (the markdown table, for the README). Every row has a
+``<date>-<host>-<commit>.{json,md,png}`` plus ``latest.md`` (the markdown table, for docs/results.md). Every row has a
 "% of bandwidth limit": the weight bytes a greedy step streams (``bandwidth.weight_bytes_per_token``) x tok/s over
 a 1 GiB copy measured in the same run. vLLM's rows (``make bench-vllm``: ``vllm_peer.py`` in its own venv, on
 the prompts ``--write-prompts`` wrote) are shown when a ``vllm-*.json`` in ``--out-dir`` matches this run.
@@ -82,7 +82,7 @@ from clp_fast.eval import metrics  # noqa: E402
 
 SCHEMA = "clp_fast.bench/1"
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {  # sized so that `make bench` takes <= 15 min on the project's 2-core CPU (see the README)
+DEFAULTS = {  # sized so that `make bench` takes <= 15 min on the project's 2-core CPU (see docs/results.md)
     "n_humaneval": 4, "n_prose": 2, "max_new_tokens": 128,
     "batch_sizes": "1,4,16", "batch_new_tokens": 32, "batch_reps": 1, "batch_k": 2,
 }

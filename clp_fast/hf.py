@@ -20,6 +20,7 @@ import sys
 import torch
 
 from clp_fast import engine
+from clp_fast.assets import default_heads_for
 from clp_fast.engine import MAX_STEP_TOKENS, MODES, generate_processed
 from clp_fast.heads import MTPHeads
 from clp_fast.models.native import NativeBackbone
@@ -221,8 +222,6 @@ def patch(model, heads: MTPHeads | None = None, mode: str = "lossless", **option
         raise ValueError(f"unknown patch options {sorted(unknown)}: only prompt_lookup, max_step_tokens, speculation")
     NativeBackbone(model)  # an unsupported architecture fails here, not at the first generate
     if heads is None and mode != "greedy":
-        from clp_fast.assets import default_heads_for
-
         heads = default_heads_for(model)
     if heads is not None:
         heads.check_compatible(model)

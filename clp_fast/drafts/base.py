@@ -65,6 +65,9 @@ class Accepted:
     head_rows: tuple | None = None  # (ids [B, k], conf [B, k], n [B], *top) from the fused pass
     speculating: bool = True  # whether guesses are being fed (adaptive speculation may find greedy faster)
     step_seconds: float | None = None  # the forward's price by the cost model (adaptive speculation, on the CPU)
+    # [B, N, H] the hidden states of ``new_tokens`` (row b's first len(new_tokens[b])), for sources that declare
+    # ``wants_path_hidden``: the prompt's positions after the prefill, the accepted path (root first) after a step.
+    path_hidden: torch.Tensor | None = None
 
 
 class DraftSource:
@@ -74,10 +77,12 @@ class DraftSource:
         kinds: the kinds of guess it proposes (a :class:`Branch`'s ``kind``); the loop tracks each row's
             acceptance per kind and corrects the priors by it.
         max_depth: the deepest guess it ever proposes (the static cache keeps room for that many more slots).
+        wants_path_hidden: whether it reads the committed tokens' hidden states (:attr:`Accepted.path_hidden`).
     """
 
     kinds: tuple[str, ...] = ()
     max_depth: int = 0
+    wants_path_hidden: bool = False  # whether advance() needs Accepted.path_hidden (a drafter reading features)
 
     def propose(self, live: list[bool]) -> list[list[Proposal]]:
         """Per row, this step's proposals (``[]`` for a row not ``live`` or with nothing to offer)."""

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clp_fast import backend
+from clp_fast.models.hub import clp_home
+
 __all__ = ["StepCost", "step_cost", "MEASURED_SIZES"]
 
 # Fed-token counts measured at start-up (packed over the batch; the forward runs over real tokens only).
@@ -129,8 +132,6 @@ def _sync(device: torch.device) -> None:
 def measure(bb, sizes=MEASURED_SIZES, context: int = 64, reps: int = 3) -> StepCost:
     """Time a forward (and its backbone logit rows) of each fed-token count in ``sizes``: one row, a chain
     of ``n`` tokens after ``context`` committed ones; the fastest of ``reps`` runs, after one warm-up."""
-    from clp_fast import backend
-
     V = bb.lm_head_weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     points = {}
@@ -155,8 +156,6 @@ def measure(bb, sizes=MEASURED_SIZES, context: int = 64, reps: int = 3) -> StepC
 def step_cost(bb, *, refresh: bool = False) -> StepCost:
     """The cost model of this backbone here: from this process's cache, else from disk (named models), else
     measured now (a few seconds) and stored in both."""
-    from clp_fast.models.hub import clp_home
-
     key, named = _key(bb)
     if not refresh and key in _CACHE:
         return _CACHE[key]

@@ -84,6 +84,11 @@ class Plan:
     streamer: object = None
     width: int = 0  # the deepest guess any source proposes
 
+    @property
+    def path_hidden(self) -> bool:
+        """Whether some source reads the committed tokens' hidden states."""
+        return any(s.wants_path_hidden for s in self.sources)
+
 
 @dataclass
 class Rows:
@@ -116,11 +121,12 @@ def run(p: Plan, stats: DecodeStats) -> torch.Tensor:
             fed = int(tree.n_fed.sum())
             if hidden.device.type == "cpu":  # the forward and its logit rows, as the cost model measured them
                 p.speculator.observe_forward(fed, time.perf_counter() - t_fwd)
-            path, cnt, on_path = commit(p, rows, tree, best, new_k, new_v, active, stats)
-            p.speculator.observe_step(tree, on_path, active, int(cnt.sum()), time.perf_counter() - t_step)
+            path, cnt, order = commit(p, rows, tree, best, new_k, new_v, active, stats)
             r = torch.arange(best.shape[0], device=best.device)
+            p.speculator.observe_step(tree, tree.anc[r, best], active, int(cnt.sum()), time.perf_counter() - t_step)
             new = [path[b, :c].tolist() for b, c in enumerate(cnt.tolist())]
-            advance(p, rows, verdict, hidden[r, best], new, p.speculator.price(fed) if fed else None)
+            path_hidden = torch.take_along_dim(hidden, order[..., None], dim=1) if p.path_hidden else None
+            advance(p, rows, verdict, hidden[r, best], new, p.speculator.price(fed) if fed else None, path_hidden)
     finally:
         streaming.end(p.streamer)
     stats.new_tokens = rows.produced.tolist()
@@ -148,14 +154,16 @@ def prefill(p: Plan, rows: Rows, stats: DecodeStats) -> None:
     verdict = p.verifier.first(last, rows.seq, rows.seq_len)
     stats.forward_passes = 1
     prompts = [p.prompts[b, :n].tolist() for b, n in enumerate(p.prompt_len.tolist())]
-    advance(p, rows, verdict, last, prompts, None)
+    advance(p, rows, verdict, last, prompts, None, hidden if p.path_hidden else None)
 
 
-def advance(p: Plan, rows: Rows, verdict, hidden: torch.Tensor, new: list[list[int]], price: float | None) -> None:
-    """The next pending tokens ``[B]``; every source learns the step (``hidden [B, H]`` at the accepted nodes)."""
+def advance(p: Plan, rows: Rows, verdict, hidden: torch.Tensor, new: list[list[int]], price: float | None,
+            path_hidden: torch.Tensor | None = None) -> None:
+    """The next pending tokens ``[B]``; every source learns the step (``hidden [B, H]`` at the accepted nodes,
+    ``path_hidden [B, N, H]`` at the ``new`` tokens where a source asked for them)."""
     rows.pending = verdict.pending
     acc = Accepted(verdict.pending, verdict.conf, hidden, new, (~rows.done).tolist(), verdict.head_rows,
-                   p.speculator.speculating(), price)
+                   p.speculator.speculating(), price, path_hidden)
     for src in p.sources:
         src.advance(acc)
 
@@ -208,7 +216,7 @@ def commit(p: Plan, rows: Rows, tree: Tree, best: torch.Tensor, new_k, new_v, ac
            stats: DecodeStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep each row's accepted path (root to ``best [B]``) up to budget, EOS and stopping criteria; commit its
     K/V at the row's offset. Returns the path tokens ``[B, T]`` (root first), the kept counts ``[B]`` and the
-    path as a node mask ``[B, T]``."""
+    node order that lists the path first ``[B, T]``."""
     r = torch.arange(best.shape[0], device=best.device)
     m = tree.depth[r, best]  # guesses accepted
     stats.forward_passes += 1
@@ -226,7 +234,7 @@ def commit(p: Plan, rows: Rows, tree: Tree, best: torch.Tensor, new_k, new_v, ac
     p.cache.lengths += cnt
     _emit(p, rows, path, cnt)
     rows.done |= (stopped & active) | (rows.produced >= p.max_new_tokens)
-    return path, cnt, on_path
+    return path, cnt, order
 
 
 def keep_tokens(p: Plan, rows: Rows, path: torch.Tensor, n_path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

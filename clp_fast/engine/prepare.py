@@ -1,6 +1,6 @@
 """What every decode loop needs before its prefill: argument checks naming the offending value, the EOS and
 pad ids, unpadded prompts and a static KV cache checked against the model's context and the memory available,
-and the tree-mode setup. Shared by :func:`clp_fast.decode.generate` and :func:`clp_fast.processed.generate_processed`.
+and the tree-mode setup. Used by :func:`clp_fast.engine.generate` and :func:`clp_fast.engine.generate_processed`.
 """
 
 from __future__ import annotations

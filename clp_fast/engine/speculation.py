@@ -3,7 +3,7 @@ what feeding them costs on this machine.
 
 Every candidate node of every row's draft trie (prompt-lookup branches, the heads' chain) carries a
 **prior**: the probability that it is the greedy token given that its parent is — a head guess's
-calibrated confidence (:class:`clp_fast.engine.tree.TreeCalibration`, else its softmax probability), a lookup
+calibrated confidence (:class:`clp_fast.drafts.calibration.TreeCalibration`, else its softmax probability), a lookup
 guess's measured rate per depth. Each row corrects its priors per source by what it has recently accepted
 (:class:`RowAcceptance`: a row of repetitive text accepts lookup guesses far above the prior, a row of
 fresh code far below). A node's **expected return** ``e`` is the product of corrected priors along its

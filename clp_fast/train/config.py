@@ -46,7 +46,7 @@ class TrainConfig:
     lr: float = 3e-3  # 1e-3 -> held-out head-1 0.276, 3e-3 -> 0.289 (SmolLM2, CE only, 80K positions, 3 epochs)
     warmup_steps: int = 50
     # Loss = ce_weight * CE(argmax label) + kl_weight * KL(top-k soft target || head) + reg_weight * logit MSE.
-    # Defaults are the shipped recipe: KL alone beat CE by +0.037 head-1 top-1 (bench/ablate_heads.py, README).
+    # Defaults are the shipped recipe: KL alone beat CE by +0.037 head-1 top-1 (ablate_heads.py, docs/training.md).
     ce_weight: float = 0.0
     kl_weight: float = 1.0
     kl_topk: int = 32  # soft-target ids used by the KL term (<= top_k)
