@@ -40,9 +40,9 @@ def random_drafter(model, std: float = 0.05) -> EagleDrafter:
     return EagleDrafter.for_model(model, init="random", std=std)
 
 
-def decode(model, ids, mask, drafter, depth=3, speculation="fixed", n=N_NEW, record=None):
+def decode(model, ids, mask, drafter, depth=3, speculation="fixed", n=N_NEW, record=None, top_m=1):
     def factory(bb, heads, calib):
-        src = EagleSource(bb, drafter, depth)
+        src = EagleSource(bb, drafter, depth, top_m)
         if record is not None:
             record.append(src)
         return src
@@ -92,12 +92,14 @@ def oracle():
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("batch", ["B=1", "ragged B=4"])
 @pytest.mark.parametrize("speculation", ["fixed", "adaptive"])
-def test_lossless_with_a_random_drafter_equals_transformers_greedy(arch, batch, speculation):
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_lossless_with_a_random_drafter_equals_transformers_greedy(arch, batch, speculation, shape):
     model = tiny_model(arch)
     rows = PROMPTS[:1] if batch == "B=1" else PROMPTS
     ids, mask = left_pad(rows)
     want = hf_greedy(model, ids, mask, N_NEW)
-    got, st = decode(model, ids, mask, random_drafter(model), speculation=speculation)
+    top_m = 1 if shape == "chain" else 3
+    got, st = decode(model, ids, mask, random_drafter(model), speculation=speculation, top_m=top_m)
     assert_equal_ids(got, want)
     if speculation == "fixed":
         assert st.drafted > 0  # the drafter's chains were fed and verified
@@ -115,6 +117,9 @@ def test_overfitted_drafter_guesses_are_accepted_and_output_stays_greedy(oracle)
     assert st.tau > 2.0, (st.tau, st.accept_hist)
     _, ctrl = decode(model, ids, mask, random_drafter(model), depth=4, n=32)
     assert ctrl.tau < st.tau - 0.5, (ctrl.tau, st.tau)
+    tree_out, tree = decode(model, ids, mask, d, depth=4, n=32, top_m=3)  # EAGLE-2 tree: its best path is the chain
+    assert_equal_ids(tree_out, want[:, : ids.shape[1] + 32])
+    assert sum(tree.accept_hist[3:]) >= 3, tree.accept_hist
 
 
 def test_training_windows_teach_the_drafter_per_depth(oracle):
@@ -131,7 +136,7 @@ def test_training_windows_teach_the_drafter_per_depth(oracle):
         assert acc > 0.8, (j, float(acc))  # an untrained (identity) drafter: ~1 / vocab
 
 
-@pytest.mark.parametrize("drafter_kind", ["random", "overfitted"])
+@pytest.mark.parametrize("drafter_kind", ["random", "overfitted", "overfitted tree"])
 def test_drafter_cache_holds_only_committed_pairs(oracle, drafter_kind):
     """After decoding (ragged B = 4 with the random drafter; B = 1 with accepted and rejected chains for the
     overfitted one), each row's drafter K/V and last output equal a fresh teacher-forced forward over the pairs
@@ -143,7 +148,7 @@ def test_drafter_cache_holds_only_committed_pairs(oracle, drafter_kind):
     else:
         mask = torch.ones_like(ids)
     made = []
-    out, st = decode(model, ids, mask, d, depth=4, n=N_NEW, record=made)
+    out, st = decode(model, ids, mask, d, depth=4, n=N_NEW, record=made, top_m=3 if "tree" in drafter_kind else 1)
     (src,) = made
     for b in range(ids.shape[0]):
         seq = out[b][torch.cat([mask[b].bool(), torch.ones(N_NEW, dtype=torch.bool)])]

@@ -319,6 +319,12 @@ def causal_mask(past_len: torch.Tensor, new_len: torch.Tensor, S: int, T: int) -
     return torch.cat([old, new], dim=-1)[:, None]
 
 
+def _pick(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """``t [R, m, ...]`` -> its entries at ``parent [R, m]`` along dim 1 (the chosen children's parents)."""
+    R, m = parent.shape
+    return t.gather(1, parent.view(R, m, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
+
+
 class EagleSource(DraftSource):
     """The drafter's chain of guesses after each row's pending token.
 
@@ -328,20 +334,30 @@ class EagleSource(DraftSource):
     previous guess)`` whose K/V is kept only for the chain. Priors are the drafter's softmax probability of each
     guess (uncalibrated: the loop corrects them per row by the kind's acceptance).
 
+    With ``top_m > 1`` it drafts a dynamic tree instead (EAGLE-2): per depth, each of the ``top_m`` frontier
+    nodes is expanded to its ``top_m`` most likely children in one batched drafter call, and the ``top_m``
+    children of highest cumulative probability become the next frontier; the final frontier's paths are proposed
+    as ``top_m`` branches (the loop's tree merges their shared prefixes).
+
     Args:
         bb: the :class:`~clp_fast.models.native.NativeBackbone` (its embedding and LM-head weight).
         drafter: an :class:`EagleDrafter` for this backbone, on its device.
         depth: guesses per chain, ``>= 1``.
+        top_m: 1 for a chain, ``> 1`` for a dynamic tree of ``top_m`` paths.
     """
 
     kinds = ("eagle",)
     wants_path_hidden = True
 
-    def __init__(self, bb, drafter: EagleDrafter, depth: int = DEFAULT_DEPTH):
+    def __init__(self, bb, drafter: EagleDrafter, depth: int = DEFAULT_DEPTH, top_m: int = 1):
         if not isinstance(drafter, EagleDrafter):
             raise TypeError(f"drafter must be an EagleDrafter, got {type(drafter).__name__}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth={depth!r} must be a positive int")
+        for name, val in (("depth", depth), ("top_m", top_m)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}={val!r} must be a positive int")
+        if top_m > drafter.draft_vocab:
+            raise ValueError(f"top_m={top_m} exceeds the draft vocabulary ({drafter.draft_vocab})")
+        self.top_m = top_m
         drafter.check_compatible(bb.model)
         dev = next(drafter.parameters()).device
         if dev != bb.device:
@@ -358,9 +374,9 @@ class EagleSource(DraftSource):
         self.steps = 0
 
     @classmethod
-    def factory(cls, drafter: EagleDrafter, depth: int = DEFAULT_DEPTH):
+    def factory(cls, drafter: EagleDrafter, depth: int = DEFAULT_DEPTH, top_m: int = 1):
         """A ``drafts=[...]`` entry for :func:`clp_fast.generate` that drafts with ``drafter``."""
-        return lambda bb, heads, calib: cls(bb, drafter, depth)
+        return lambda bb, heads, calib: cls(bb, drafter, depth, top_m)
 
     def _grow(self, B: int, need: int) -> None:
         d = self.drafter
@@ -437,15 +453,57 @@ class EagleSource(DraftSource):
             f = out[:, 0]
         return torch.stack(toks, 1), torch.stack(probs, 1)
 
+    @torch.inference_mode()
+    def tree(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """EAGLE-2's dynamic tree for ``rows [R]``: the ``m = top_m`` best paths by cumulative probability, tokens
+        ``[R, m, depth]`` and each guess's probability given its parent ``[R, m, depth]``."""
+        d_, m = self.drafter, self.top_m
+        f = self.last[rows]  # [R, H]
+        R, H = f.shape
+        lengths = self.lengths[rows]
+        S = int(lengths.max())
+        K0 = self.k[rows, :, :S].repeat_interleave(m, 0)  # [R * m, KVH, S, D]
+        V0 = self.v[rows, :, :S].repeat_interleave(m, 0)
+        seen = (torch.arange(S, device=f.device)[None] < lengths[:, None]).repeat_interleave(m, 0)  # [R * m, S]
+        pos = lengths.repeat_interleave(m)
+        lp = torch.log_softmax(packed.linear(f.to(self.bb.dtype), self.W).float(), -1)
+        cum, tok = lp.topk(m, -1)  # [R, m]: the frontier at depth 1
+        paths, probs = tok[..., None], cum.exp()[..., None]  # [R, m, 1]
+        feat = f[:, None].expand(R, m, H)
+        CK = CV = None  # [R, m, KVH, d, D] each frontier node's chain of drafted pairs
+        for d in range(1, self.max_depth):
+            past_k = K0 if CK is None else torch.cat([K0, CK.flatten(0, 1)], dim=2)
+            past_v = V0 if CV is None else torch.cat([V0, CV.flatten(0, 1)], dim=2)
+            mask = torch.cat([seen, torch.ones(R * m, d, dtype=torch.bool, device=f.device)], dim=1)[:, None, None]
+            out, k, v = d_(feat.reshape(R * m, 1, H), self.embed(paths[:, :, -1].reshape(R * m, 1)),
+                           (pos + d - 1)[:, None], past_k, past_v, mask)
+            k, v = k.view(R, m, d_.kv_heads, 1, d_.head_dim), v.view(R, m, d_.kv_heads, 1, d_.head_dim)
+            CK = k if CK is None else torch.cat([CK, k], dim=3)
+            CV = v if CV is None else torch.cat([CV, v], dim=3)
+            out = out.view(R, m, H)
+            c_lp, c_tok = torch.log_softmax(packed.linear(out.to(self.bb.dtype), self.W).float(), -1).topk(m, -1)
+            score = (cum[..., None] + c_lp).view(R, m * m)
+            cum, best = score.topk(m, -1)  # [R, m]
+            parent = best // m
+            paths = torch.cat([_pick(paths, parent), c_tok.view(R, m * m).gather(1, best)[..., None]], dim=2)
+            probs = torch.cat([_pick(probs, parent), c_lp.view(R, m * m).gather(1, best).exp()[..., None]], dim=2)
+            feat, CK, CV = _pick(out, parent), _pick(CK, parent), _pick(CV, parent)
+        return paths, probs
+
     def propose(self, live: list[bool]) -> list[list[Proposal]]:
         if self.last is None or not any(live):
             return [[] for _ in live]
         t0 = time.perf_counter()
         idx = [b for b, ok in enumerate(live) if ok]
-        toks, probs = self.chains(torch.tensor(idx, device=self.bb.device))
+        rows = torch.tensor(idx, device=self.bb.device)
+        if self.top_m == 1:
+            toks, probs = (t[:, None] for t in self.chains(rows))
+        else:
+            toks, probs = self.tree(rows)
+        toks, probs = toks.tolist(), probs.tolist()
         out: list[list[Proposal]] = [[] for _ in live]
         for i, b in enumerate(idx):
-            out[b] = [Branch(toks[i].tolist(), probs[i].tolist(), "eagle")]
+            out[b] = [Branch(t, p, "eagle") for t, p in zip(toks[i], probs[i])]
         self.steps += 1
         self.seconds += time.perf_counter() - t0
         return out
@@ -455,9 +513,10 @@ class EagleSource(DraftSource):
 _DRAFTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def use_drafter(model, drafter: EagleDrafter | str | os.PathLike | None, depth: int = DEFAULT_DEPTH) -> None:
+def use_drafter(model, drafter: EagleDrafter | str | os.PathLike | None, depth: int = DEFAULT_DEPTH,
+                top_m: int = 1) -> None:
     """Make ``drafts=["eagle"]`` draft with ``drafter`` (an :class:`EagleDrafter` or a folder it was saved to)
-    for this loaded ``model``; None forgets it."""
+    for this loaded ``model``, ``depth`` deep, as a chain (``top_m = 1``) or a dynamic tree; None forgets it."""
     if drafter is None:
         _DRAFTERS.pop(model, None)
         return
@@ -465,7 +524,7 @@ def use_drafter(model, drafter: EagleDrafter | str | os.PathLike | None, depth: 
         W = model.get_output_embeddings().weight
         drafter = EagleDrafter.from_pretrained(drafter, model=model, dtype=W.dtype, device=W.device)
     drafter.check_compatible(model)
-    _DRAFTERS[model] = (drafter, depth)
+    _DRAFTERS[model] = (drafter, depth, top_m)
 
 
 def eagle_factory(bb, heads, calib) -> EagleSource:
@@ -473,5 +532,4 @@ def eagle_factory(bb, heads, calib) -> EagleSource:
     if bb.model not in _DRAFTERS:
         raise ValueError("drafts=['eagle'] needs a drafter for this model: call "
                          "clp_fast.drafts.eagle.use_drafter(model, drafter_or_folder) first")
-    drafter, depth = _DRAFTERS[bb.model]
-    return EagleSource(bb, drafter, depth)
+    return EagleSource(bb, *_DRAFTERS[bb.model])
