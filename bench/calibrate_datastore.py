@@ -129,8 +129,9 @@ def tau(model, tok, store, n_humaneval: int, new: int, speculation: str) -> dict
                                     pad_token_id=pad, return_stats=True, drafts=drafts, speculation=speculation)
         return out[0, p.ids.shape[1]:].tolist(), st
 
-    one(prompts[-1], [factory])  # warm-up (prose: not a timed HumanEval prompt's text)
-    one(prompts[-1], None)
+    warm = type(prompts[0])("warm-up", "warm", "", tok("def fibonacci(n):", return_tensors="pt").input_ids)
+    one(warm, [factory])  # warm-up on a prompt of neither set (the output store keeps what it wrote)
+    one(warm, None)
     for i, p in enumerate(prompts):
         order = [("without", None), ("with", [factory])]
         for name, drafts in order[::-1] if i % 2 else order:
@@ -196,6 +197,11 @@ def compare_index(store, n: int) -> dict:
             "ngram_tables": {"build_s": round(ng_s, 2), "bytes": ng_bytes, "match_us": round(ng_us, 1), "max_match": 8}}
 
 
+def save(path: Path | None, res: dict) -> None:
+    if path:
+        path.write_text(json.dumps(res, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -206,9 +212,11 @@ def main() -> None:
     ap.add_argument("--no-calibrate", action="store_true")
     ap.add_argument("--tau", type=int, default=0, help="HumanEval prompts for the with/without tau comparison")
     ap.add_argument("--speculation", default="adaptive", choices=["adaptive", "fixed"])
-    ap.add_argument("--out", type=Path, help="write the JSON here too")
+    ap.add_argument("--out", type=Path, help="write the JSON here too (after each part)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--no-cost", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     from clp_fast.drafts.datastore import open_or_build
     from clp_fast.models.hub import load_model
 
@@ -224,7 +232,10 @@ def main() -> None:
     if not args.no_calibrate:
         pairs = heldout(tok, model, args.prompts, args.new_tokens)
         res["calibration"] = calibrate(store, pairs, args.width)
-        res["cost"] = cost(model, store, pairs, args.width)
+        save(args.out, res)
+        if not args.no_cost:
+            res["cost"] = cost(model, store, pairs, args.width)
+            save(args.out, res)
     if args.tau:
         res["tau"] = tau(model, tok, store, args.tau, 128, args.speculation)
     res["load_avg_end"] = os.getloadavg()
