@@ -107,3 +107,18 @@ def test_processed_decoding_takes_the_same_sources(oracle):
                                           prompt_lookup=0, max_step_tokens=None, return_stats=True)
     assert_equal_ids(got, want)
     assert sum(st.accept_hist[3:]) > 0 and st.forward_passes < 24, st.accept_hist  # deeper than k = 2: the oracle
+
+
+@pytest.mark.parametrize("call", ["generate", "generate_processed"])
+def test_without_heads_the_sources_alone_draft(oracle, call):
+    """``heads=False``: no MTP heads; lossless decoding from prompt lookup and the oracle alone still equals
+    transformers' greedy (fp32, ragged B = 4), its deep guesses accepted; ``mode='clp'`` without heads is named."""
+    model, ids, mask, want, made = oracle
+    fn = getattr(clp_fast, call)
+    got, st = fn(model, ids, False, attention_mask=mask, max_new_tokens=24, mode="lossless", eos_token_id=[],
+                 pad_token_id=0, prompt_lookup=2, drafts=["oracle"], max_step_tokens=None, return_stats=True)
+    assert_equal_ids(got, want)
+    assert sum(st.accept_hist[3:]) > 0 and st.forward_passes < 24, st.accept_hist
+    if call == "generate":
+        with pytest.raises(ValueError, match="heads=False: mode='clp' needs MTP heads"):
+            fn(model, ids, False, attention_mask=mask, max_new_tokens=4, mode="clp", eos_token_id=[], pad_token_id=0)

@@ -47,7 +47,7 @@ def decode(model, ids, mask, drafter, depth=3, speculation="fixed", n=N_NEW, rec
             record.append(src)
         return src
 
-    return clp_fast.generate(model, ids, mute_heads(model), attention_mask=mask, max_new_tokens=n, mode="lossless",
+    return clp_fast.generate(model, ids, False, attention_mask=mask, max_new_tokens=n, mode="lossless",
                              eos_token_id=[], pad_token_id=0, prompt_lookup=0, drafts=[factory],
                              speculation=speculation, return_stats=True)
 

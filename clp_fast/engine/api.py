@@ -66,7 +66,7 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, to
 def generate(
     model,
     input_ids: torch.Tensor,
-    heads: MTPHeads | None = None,
+    heads: MTPHeads | None | bool = None,
     *,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int,
@@ -91,7 +91,8 @@ def generate(
         model: a loaded Qwen2 / Llama causal LM (transformers); it is used, not copied.
         input_ids: ``[B, P]`` int64 prompt ids, left-padded like transformers' ``generate``.
         heads: trained :class:`MTPHeads` for this backbone (None → the shipped heads for a known
-            backbone in non-greedy modes, else an error).
+            backbone in non-greedy modes, else an error; False → no heads: lossless guesses come from prompt
+            lookup and ``drafts`` alone).
         attention_mask: ``[B, P]`` of 0/1 (1 = real token); None = all real.
         max_new_tokens: per-row budget, > 0.
         mode: ``"greedy"``, ``"lossless"`` or ``"clp"``.
@@ -165,7 +166,7 @@ def generate(
 def generate_processed(
     model,
     input_ids: torch.Tensor,
-    heads: MTPHeads | None = None,
+    heads: MTPHeads | None | bool = None,
     *,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int,
@@ -234,8 +235,13 @@ def generate_processed(
     return (result, stats) if return_stats else result
 
 
-def _resolve_heads(model, heads: MTPHeads | None, mode: str) -> MTPHeads | None:
-    """The heads to decode with: the caller's, else the shipped ones for a known backbone (not in greedy mode)."""
+def _resolve_heads(model, heads: MTPHeads | None | bool, mode: str) -> MTPHeads | None:
+    """The heads to decode with: the caller's, else the shipped ones for a known backbone (not in greedy mode);
+    ``False``: none (lossless decoding from prompt lookup and ``drafts=`` alone)."""
+    if heads is False:
+        if mode == "clp":
+            raise ValueError("heads=False: mode='clp' needs MTP heads (its CLP decides what to take)")
+        return None
     if heads is not None and not isinstance(heads, MTPHeads):
         raise TypeError(f"heads must be MTPHeads or None, got {type(heads).__name__}")
     if heads is None and mode != "greedy":

@@ -56,8 +56,8 @@ def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, m
             raise ValueError(f"heads are on {heads.weight.device} but the model is on {bb.device}")
         if policy == "gate" and heads.gate is None:
             raise ValueError("policy='gate' needs heads saved with a gate (with_gate=True)")
-    elif mode != "greedy":
-        raise ValueError(f"mode={mode!r} needs MTP heads (heads=None only works with mode='greedy')")
+    elif mode == "clp":
+        raise ValueError(f"mode={mode!r} needs MTP heads (heads=None only works with mode='greedy' or 'lossless')")
     if max_step_tokens is not None and (isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int)
                                         or max_step_tokens < 0):
         raise ValueError(f"max_step_tokens={max_step_tokens!r} must be a non-negative int or None")

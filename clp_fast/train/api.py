@@ -218,7 +218,7 @@ def train_heads(
         src = ", ".join(cfg.corpus) + (" + stdlib" if cfg.stdlib else "") if cfg.corpus else "the stdlib"
         raise ValueError(f"corpus {src} is too small: {len(plan['tf'])} windows, ~{n_pos} positions, fewer than "
                          f"one batch of {cfg.batch_size}")
-    if not plan["heldout"]:
+    if not plan["heldout"] and not data_only:  # the heads' CLP and accuracy need them; a data-only build does not
         raise ValueError("the corpus gives no held-out prompts; pass more text with corpus=/--corpus")
     stage["plan"] = time.perf_counter() - t
 
