@@ -110,10 +110,12 @@ def env(**values):
 
 def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int, threshold: float | None,
                  counter: ForwardCounter, speculation: str = "adaptive",
-                 compiled_cache_len: int | None = None, datastore=None) -> list[Method]:
+                 compiled_cache_len: int | None = None, datastore=None, drafter=None) -> list[Method]:
     """The methods of the single-stream table, in table order; ``compiled_cache_len`` adds the compiled peer,
     ``datastore`` (a :func:`clp_fast.drafts.datastore.datastore_factory`) a lossless k=2 row with the retrieval
-    drafts beside the plain one (``run_bench.py --datastore``)."""
+    drafts beside the plain one (``run_bench.py --datastore``); ``drafter`` (a factory from
+    :func:`drafter_factory`) the rows ``drafter alone`` (no heads, no prompt lookup), ``heads alone`` (its
+    control) and ``lossless + drafter`` (heads k=2, lookup and the drafter)."""
     from transformers import GenerationConfig
 
     def hf(**extra):
@@ -127,8 +129,9 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
             return out, {"forward_passes": counter.n - before}
         return run
 
-    def ours(mode, k, policy="clp", pack="1", drafts=None):
-        h = heads.truncated(k) if k else None
+    def ours(mode, k, policy="clp", pack="1", drafts=None, lookup=None):
+        h = heads.truncated(k) if k else (False if drafts and mode == "lossless" else None)
+        more = {} if lookup is None else {"prompt_lookup": lookup}
 
         def run(ids, mask, n):
             with env(CLP_FAST_PACK=pack):
@@ -138,13 +141,16 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
             out, st = clp_fast.generate(model, ids, h, attention_mask=mask, max_new_tokens=n, mode=mode,
                                         eos_token_id=eos, pad_token_id=pad, policy=policy,
                                         clp_threshold=threshold if mode == "clp" and policy == "clp" else None,
-                                        return_stats=True, drafts=drafts,
+                                        return_stats=True, drafts=drafts, **more,
                                         **({"speculation": speculation} if mode == "lossless" else {}))
             info = {"forward_passes": st.forward_passes, "row_forwards": st.row_forwards,
                     "accept_hist": st.accept_hist, "new_tokens": st.new_tokens, "drafted": st.drafted}
             if drafts and getattr(drafts[0], "sources", None):  # retrieval drafts: accepted guesses per kind
                 src = drafts[0].sources[-1]
-                info["by_kind"] = {k: {"steps": src.steps[k], "accepted": src.accepted[k]} for k in src.kinds}
+                if hasattr(src, "accepted"):
+                    info["by_kind"] = {k: {"steps": src.steps[k], "accepted": src.accepted[k]} for k in src.kinds}
+                else:  # a drafter: its own seconds (advance + propose) per step
+                    info["draft_s"], info["draft_steps"] = src.seconds, src.steps
             return out, info
         return run
 
@@ -158,10 +164,30 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
     if datastore is not None:
         methods += [Method("clp_fast lossless + datastore", k, ours("lossless", k, drafts=[datastore]), "clp_fast")
                     for k in ks if k == 2]
+    if drafter is not None:
+        methods += [Method("clp_fast heads alone", 2, ours("lossless", 2, lookup=0), "clp_fast"),
+                    Method("clp_fast drafter alone", None, ours("lossless", None, drafts=[drafter], lookup=0),
+                           "clp_fast"),
+                    Method("clp_fast lossless + drafter", 2, ours("lossless", 2, drafts=[drafter]), "clp_fast")]
     methods += [Method("clp_fast clp", k, ours("clp", k), "clp_fast") for k in ks]
     if heads.gate is not None:
         methods.append(Method("gate", heads.k, ours("clp", heads.k, policy="gate"), "clp_fast"))
     return methods
+
+
+def drafter_factory(model, folder: str, depth: int, top_m: int = 1):
+    """A ``drafts=[...]`` entry drafting with the EAGLE-style drafter saved in ``folder`` (in the model's dtype);
+    the sources it made are kept in ``factory.sources`` (their draft seconds and steps)."""
+    from clp_fast.drafts.eagle import EagleDrafter, EagleSource
+
+    W = model.get_output_embeddings().weight
+    d = EagleDrafter.from_pretrained(folder, model=model, dtype=W.dtype, device=W.device)
+
+    def factory(bb, heads, calib):
+        factory.sources.append(EagleSource(bb, d, depth, top_m))
+        return factory.sources[-1]
+    factory.sources = []
+    return factory
 
 
 # ------------------------------------------------------------------------------------------ prompts

@@ -57,6 +57,7 @@ from methods import (  # noqa: E402,F401  (BASELINE, ForwardCounter, make_method
     COMPILED,
     PROMPT_LOOKUP,
     ForwardCounter,
+    drafter_factory,
     load_heads,
     load_prompts,
     make_methods,
@@ -146,6 +147,18 @@ def datastore_note(records: list[dict]) -> str:
         f"{k}: {a} / {s}" for k, (a, s) in tot.items()) + "."
 
 
+def drafter_note(records: list[dict], args) -> str:
+    """The drafter rows' own time (its advance + propose) per decode step, summed over prompts."""
+    tot: dict[str, list[float]] = {}
+    for rec in records:
+        for label, r in rec["results"].items():
+            if "draft_s" in r:
+                t = tot.setdefault(label, [0.0, 0])
+                t[0], t[1] = t[0] + r["draft_s"], t[1] + r["draft_steps"]
+    return (f"Drafter {args.drafter} (depth {args.drafter_depth}, top_m {args.drafter_top_m}), its own ms per step "
+            "(advance + propose): " + "; ".join(f"{k}: {1e3 * s / max(n, 1):.1f}" for k, (s, n) in tot.items()) + ".")
+
+
 def write_prompts(args, model, tok) -> int:
     """``--write-prompts FILE``: the prompts this run would time, as token ids, for ``bench/vllm_peer.py``."""
     from clp_fast.models.hub import resolve_model_path
@@ -192,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datastore", action="store_true",
                    help="add a 'clp_fast lossless + datastore k=2' row: retrieval drafts from the code on this machine "
                         "(clp_fast.drafts.datastore; built on first use, minutes)")
+    p.add_argument("--drafter", metavar="DIR",
+                   help="an EAGLE-style drafter folder (clp-fast train --drafter eagle): adds the rows 'heads alone' "
+                        "(k=2, no lookup), 'drafter alone' (no heads, no lookup) and 'lossless + drafter' (k=2)")
+    p.add_argument("--drafter-depth", type=int, default=3, help="the drafter's guesses per step (default 3)")
+    p.add_argument("--drafter-top-m", type=int, default=1, help="1: chains; > 1: EAGLE-2 trees of that many paths")
+    p.add_argument("--methods", help="comma-separated substrings: time only the rows whose label holds one "
+                                     "(hf-greedy always)")
     p.add_argument("--write-prompts", metavar="FILE",
                    help="write this run's prompts (token ids, EOS, settings) as JSON for bench/vllm_peer.py and exit")
     p.add_argument("--exactness", action="store_true",
@@ -261,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         from clp_fast.drafts.datastore import datastore_factory
 
         store = datastore_factory(tok)
+    drafter = drafter_factory(model, args.drafter, args.drafter_depth, args.drafter_top_m) if args.drafter else None
     methods = make_methods(model, heads, args.ks, eos, pad, args.clp_threshold, counter, args.speculation,
-                           compiled_cache_len=cache_len, datastore=store)
+                           compiled_cache_len=cache_len, datastore=store, drafter=drafter)
+    if args.methods:
+        methods = [m for m in methods if m.label == BASELINE or any(s in m.label for s in args.methods.split(","))]
     wbytes = weight_bytes_per_token(model)
     bw = copy_bandwidth()
     mem = PeakRSS()
@@ -331,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"call(s) compiled again (re-run, {cp['recompile_s']:.0f} s not in tok/s).")
     if args.datastore:
         notes.append(datastore_note(records))
+    if args.drafter:
+        notes.append(drafter_note(records, args))
     if vllm_skipped and not vllm_res:
         notes.append(f"vLLM rows not shown: {', '.join(vllm_skipped[:3])} ran other prompts or settings "
                      "(`make bench-vllm` runs this run's defaults).")
