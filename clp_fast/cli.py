@@ -197,6 +197,32 @@ def cmd_datastore(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """``clp-fast export --format vllm``: MTP heads (Medusa) or a drafter (EAGLE) in vLLM's layout
+    (:mod:`clp_fast.export`); prints the folder."""
+    import torch
+
+    from clp_fast.export import export_vllm
+    from clp_fast.models.hub import load_model
+
+    if (args.heads is None) == (args.drafter is None):
+        raise ValueError("clp-fast export needs exactly one of --heads DIR and --drafter DIR")
+    model, _ = load_model(args.model, dtype="bf16")
+    heads = drafter = None
+    if args.heads is not None:
+        from clp_fast.assets import default_heads_for
+        from clp_fast.heads import MTPHeads
+
+        heads = (default_heads_for(model) if args.heads == "shipped"
+                 else MTPHeads.from_pretrained(args.heads, model=model))
+    else:
+        from clp_fast.drafts.eagle import EagleDrafter
+
+        drafter = EagleDrafter.from_pretrained(args.drafter, model=model)
+    print(export_vllm(model, args.out, heads=heads, drafter=drafter, dtype=torch.bfloat16))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clp-fast", description="MTP heads + CLP for faster decoding")
     sub = p.add_subparsers(dest="command", required=True)
@@ -246,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--corpus", nargs="*", help="folders/files instead of the stdlib + installed packages")
     db.add_argument("--quiet", action="store_true", help="no progress bar")
     db.set_defaults(func=cmd_datastore)
+
+    e = sub.add_parser("export", help="MTP heads or an EAGLE-style drafter in a layout vLLM loads")
+    e.add_argument("out", help="output folder (must not exist or be empty)")
+    e.add_argument("--format", choices=["vllm"], default="vllm")
+    e.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="the backbone (known name or folder)")
+    e.add_argument("--heads", metavar="DIR", help="MTP heads folder ('shipped': the shipped heads) -> Medusa layout")
+    e.add_argument("--drafter", metavar="DIR", help="drafter folder (clp-fast train --drafter eagle) -> EAGLE layout")
+    e.set_defaults(func=cmd_export)
 
     from clp_fast.train import add_train_arguments, run_train
 
