@@ -35,8 +35,10 @@ sys.path.insert(0, str(HERE))
 from gitinfo import git_commit  # noqa: E402  (standard library only: safe in vLLM's venv)
 
 SCHEMA = "clp_fast.bench.vllm/1"
-CONFIGS = ("hf", "greedy", "ngram")
-LABELS = {"hf": "transformers greedy (eager, this venv)", "greedy": "vLLM greedy", "ngram": "vLLM n-gram"}
+CONFIGS = ("hf", "greedy", "ngram", "medusa", "eagle")
+LABELS = {"hf": "transformers greedy (eager, this venv)", "greedy": "vLLM greedy", "ngram": "vLLM n-gram",
+          "medusa": "vLLM + clp_fast heads (Medusa)", "eagle": "vLLM + clp_fast drafter (EAGLE)"}
+DEFAULT_CONFIGS = ("hf", "greedy", "ngram")  # medusa / eagle need --medusa DIR / --eagle DIR (clp-fast export)
 
 
 def cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:
@@ -98,6 +100,8 @@ def _run_vllm(spec: dict, prompts: list[dict], n: int, warmup: int, config: str)
     if config == "ngram":
         kw["speculative_config"] = {"method": "ngram", "num_speculative_tokens": spec["ngram_k"],
                                     "prompt_lookup_max": spec["ngram_max"], "prompt_lookup_min": spec["ngram_min"]}
+    elif config in ("medusa", "eagle"):  # folders written by `clp-fast export --format vllm`
+        kw["speculative_config"] = {"method": config, "model": spec[config], "num_speculative_tokens": spec["spec_k"]}
     t0 = time.perf_counter()
     llm = LLM(model=spec["model_path"], dtype="bfloat16" if spec["dtype"] == "bf16" else "float32", seed=0,
               max_model_len=spec["max_model_len"], enable_prefix_caching=False, generation_config="vllm", **kw)
@@ -108,7 +112,26 @@ def _run_vllm(spec: dict, prompts: list[dict], n: int, warmup: int, config: str)
         sp = SamplingParams(temperature=0.0, max_tokens=k, stop_token_ids=eos, detokenize=False)
         out = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)
         return list(out[0].outputs[0].token_ids)
-    return _time_prompts(gen, prompts, n, warmup, startup, eos)
+    part = _time_prompts(gen, prompts, n, warmup, startup, eos)
+    if "speculative_config" in kw:
+        part["spec_metrics"] = _spec_metrics(llm)
+    return part
+
+
+def _spec_metrics(llm) -> dict:
+    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens, accepted per position), warm-up
+    included; mean acceptance length = 1 + accepted / drafts."""
+    out = {}
+    try:
+        for m in llm.get_metrics():
+            if m.name.startswith("vllm:spec_decode"):
+                out[m.name.removeprefix("vllm:spec_decode_")] = getattr(m, "values", None) or getattr(m, "value", None)
+    except Exception as err:  # metrics are a report, never a reason to lose the timings
+        out["error"] = repr(err)
+    drafts, acc = out.get("num_drafts"), out.get("num_accepted_tokens")
+    if drafts:
+        out["mean_acceptance_length"] = 1 + acc / drafts
+    return out
 
 
 def _time_prompts(gen, prompts: list[dict], n: int, warmup: int, startup: float, eos: list[int]) -> dict:
@@ -126,7 +149,7 @@ def _time_prompts(gen, prompts: list[dict], n: int, warmup: int, startup: float,
     return {"startup_s": startup, "warmup_s": warm, "per_prompt": per}
 
 
-def _row(config: str, part: dict, base: dict | None) -> dict:
+def _row(config: str, part: dict, base: dict | None, greedy: dict | None = None) -> dict:
     per = part["per_prompt"]
     tokens, time_s = sum(p["n_new"] for p in per), sum(p["time_s"] for p in per)
     ratio = None
@@ -137,6 +160,9 @@ def _row(config: str, part: dict, base: dict | None) -> dict:
             "tokens_per_s": tokens / time_s, "speedup_median": ratio,
             "identical_to_baseline": (sum(p["ids"] == b["ids"] for p, b in zip(per, base["per_prompt"]))
                                       if base is not None else None),
+            "identical_to_vllm_greedy": (sum(p["ids"] == g["ids"] for p, g in zip(per, greedy["per_prompt"]))
+                                         if greedy is not None and config != "greedy" else None),
+            "spec_metrics": part.get("spec_metrics"),
             "startup_s": part["startup_s"], "warmup_s": part["warmup_s"], "per_prompt": per}
 
 
@@ -145,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", required=True, help="JSON written by run_bench.py --write-prompts")
     p.add_argument("--out-dir", default=str(HERE / "results"))
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)} (hf: the baseline)")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"subset of {','.join(CONFIGS)} (hf: the baseline; default {','.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--medusa", help="folder of `clp-fast export --heads ...` (config medusa)")
+    p.add_argument("--eagle", help="folder of `clp-fast export --drafter ...` (config eagle)")
+    p.add_argument("--spec-k", type=int, default=3, help="num_speculative_tokens of medusa / eagle (default 3)")
     p.add_argument("--threads", type=int, default=2, help="cores 0..threads-1, none reserved (default 2)")
     p.add_argument("--max-prompts", type=int, help="only the first N prompts (a smoke run; the report then skips it)")
     p.add_argument("--max-new-tokens", type=int, help="default: the prompt file's (make bench's)")
@@ -179,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
         raise SystemExit(f"vllm_peer: --configs {args.configs!r}: unknown {bad}; choose from {CONFIGS}")
+    for c in ("medusa", "eagle"):
+        if c in configs and not getattr(args, c):
+            raise SystemExit(f"vllm_peer: --configs {c} needs --{c} DIR (written by clp-fast export --format vllm)")
     pf = json.loads(Path(args.prompts).read_text())
     prompts = pf["prompts"][: args.max_prompts] if args.max_prompts else pf["prompts"]
     n = args.max_new_tokens or pf["max_new_tokens"]
@@ -195,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "pad_token_id": pf["pad_token_id"], "threads": args.threads, "max_new_tokens": n,
             "warmup_tokens": args.warmup_tokens, "prompts": prompts,
             "max_model_len": max(len(p["ids"]) for p in prompts) + n + 16,
+            "medusa": args.medusa, "eagle": args.eagle, "spec_k": args.spec_k,
             "ngram_k": args.ngram_k, "ngram_max": args.ngram_max, "ngram_min": args.ngram_min or args.ngram_max}
 
     import torch
@@ -219,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"vllm_peer: the {c} run failed (exit {proc.returncode}); its log is above")
             parts[c] = json.loads(out.read_text())
     base = parts.get("hf")
-    rows = [_row(c, parts[c], base) for c in configs]
+    rows = [_row(c, parts[c], base, parts.get("greedy")) for c in configs]
     result = {
         "schema": SCHEMA, "started": started, "elapsed_s": time.perf_counter() - t_start,
         "machine": {"host": socket.gethostname(), "cpu": _cpu_model(),
@@ -243,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         sp = "" if r["speedup_median"] is None else f", {r['speedup_median']:.2f}x transformers greedy (median)"
         same = "" if r["identical_to_baseline"] is None else f", {r['identical_to_baseline']}/{len(prompts)} identical"
+        if r["identical_to_vllm_greedy"] is not None:
+            same += f", {r['identical_to_vllm_greedy']}/{len(prompts)} identical to vLLM greedy"
+        if (r["spec_metrics"] or {}).get("mean_acceptance_length"):
+            same += f", mean acceptance length {r['spec_metrics']['mean_acceptance_length']:.2f}"
         print(f"{r['label']:40s} {r['tokens_per_s']:6.1f} tok/s{sp}{same}; startup {r['startup_s']:.0f} s")
     print(f"copy bandwidth {bw['copy_gb_s']:.1f} GB/s; wrote {path}")
     return 0
