@@ -60,6 +60,7 @@ def eagle_config(drafter, model_config) -> dict:
             "hidden_size": drafter.hidden_size, "intermediate_size": drafter.intermediate_size,
             "num_attention_heads": drafter.num_heads, "num_key_value_heads": drafter.kv_heads,
             "head_dim": drafter.head_dim, "rms_norm_eps": drafter.rms_norm_eps, "rope_theta": drafter.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": drafter.rope_theta},
             "attention_bias": drafter.attention_bias, "vocab_size": drafter.vocab_size,
             "max_position_embeddings": int(getattr(model_config, "max_position_embeddings", 32768)),
             "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
