@@ -89,6 +89,10 @@ def export_vllm(model, out: str | os.PathLike, *, heads=None, drafter=None, dtyp
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp's private modes -> the user's usual ones
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
