@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0 or not out.exists():
                 raise SystemExit(f"vllm_peer: the {c} run failed (exit {proc.returncode}); its log is above")
             parts[c] = json.loads(out.read_text())
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)  # kept as it finishes: a later config may not
+            (Path(args.out_dir) / f"{stem}-{c}.part.json").write_text(out.read_text())
     base = parts.get("hf")
     rows = [_row(c, parts[c], base, parts.get("greedy")) for c in configs]
     result = {
