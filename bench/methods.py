@@ -181,13 +181,8 @@ def drafter_factory(model, folder: str, depth: int, top_m: int = 1):
     from clp_fast.drafts.eagle import EagleDrafter, EagleSource
 
     W = model.get_output_embeddings().weight
-    d = EagleDrafter.from_pretrained(folder, model=model, dtype=W.dtype, device=W.device)
-
-    def factory(bb, heads, calib):
-        factory.sources.append(EagleSource(bb, d, depth, top_m))
-        return factory.sources[-1]
-    factory.sources = []
-    return factory
+    return EagleSource.factory(EagleDrafter.from_pretrained(folder, model=model, dtype=W.dtype, device=W.device),
+                               depth, top_m)
 
 
 # ------------------------------------------------------------------------------------------ prompts
