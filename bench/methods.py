@@ -145,12 +145,9 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
                                         **({"speculation": speculation} if mode == "lossless" else {}))
             info = {"forward_passes": st.forward_passes, "row_forwards": st.row_forwards,
                     "accept_hist": st.accept_hist, "new_tokens": st.new_tokens, "drafted": st.drafted}
-            if drafts and getattr(drafts[0], "sources", None):  # retrieval drafts: accepted guesses per kind
-                src = drafts[0].sources[-1]
-                if hasattr(src, "accepted"):
-                    info["by_kind"] = {k: {"steps": src.steps[k], "accepted": src.accepted[k]} for k in src.kinds}
-                else:  # a drafter: its own seconds (advance + propose) per step
-                    info["draft_s"], info["draft_steps"] = src.seconds, src.steps
+            for src in st.sources:  # each source's report: retrieval's accepted guesses, a drafter's own time
+                info.update({key: src[key] for key in ("by_kind", "draft_s", "draft_steps") if key in src})
+            info["sources"] = st.sources
             return out, info
         return run
 

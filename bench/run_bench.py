@@ -148,15 +148,19 @@ def datastore_note(records: list[dict]) -> str:
 
 
 def drafter_note(records: list[dict], args) -> str:
-    """The drafter rows' own time (its advance + propose) per decode step, summed over prompts."""
+    """The drafter rows' own time per step it drafted in, and the steps adaptive speculation asked it for guesses
+    (its gate, :class:`clp_fast.engine.speculation.SourceGate`), summed over prompts."""
     tot: dict[str, list[float]] = {}
     for rec in records:
         for label, r in rec["results"].items():
             if "draft_s" in r:
-                t = tot.setdefault(label, [0.0, 0])
+                t = tot.setdefault(label, [0.0, 0, 0, 0])
+                gate = next((s for s in r.get("sources", []) if "draft_s" in s), {})
                 t[0], t[1] = t[0] + r["draft_s"], t[1] + r["draft_steps"]
+                t[2], t[3] = t[2] + gate.get("asked", 0), t[3] + gate.get("skipped", 0)
     return (f"Drafter {args.drafter} (depth {args.drafter_depth}, top_m {args.drafter_top_m}), its own ms per step "
-            "(advance + propose): " + "; ".join(f"{k}: {1e3 * s / max(n, 1):.1f}" for k, (s, n) in tot.items()) + ".")
+            "it drafted in (catch-up + propose), and the steps it was asked for guesses: " + "; ".join(
+                f"{k}: {1e3 * s / max(n, 1):.1f} ms, asked {a} of {a + sk}" for k, (s, n, a, sk) in tot.items()) + ".")
 
 
 def write_prompts(args, model, tok) -> int:

@@ -4,15 +4,18 @@ output stays greedy's."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 import clp_fast
 from clp_fast import reference
 from clp_fast.drafts import heads as heads_src
+from clp_fast.drafts.base import Branch, DraftSource
 from clp_fast.engine import cost as cost_mod
 from clp_fast.engine.cost import StepCost, step_cost
-from clp_fast.engine.speculation import SOURCES, RowAcceptance, select_nodes
+from clp_fast.engine.speculation import SOURCES, RowAcceptance, SourceGate, select_nodes
 from clp_fast.heads import MTPHeads
 from clp_fast.models.native import NativeBackbone
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
@@ -337,3 +340,57 @@ def test_speculation_worth_follows_the_faster_kind_and_probes_the_other():
     w.observe(False, 10, 2.0)  # a window is a sum: 40 tokens in 3 s
     assert w.rate(False) == pytest.approx(40 / 3)
     assert SpeculationWorth(enabled=False).want() and SpeculationWorth(enabled=False).winning()
+
+
+class SlowScript(DraftSource):
+    """A draft source that costs ``delay`` seconds per propose and guesses the next three tokens of ``text`` (the
+    full sequence, prompt first): the greedy continuation (useful) or noise (useless). Batch 1."""
+
+    kinds, max_depth = ("scripted",), 3
+
+    def __init__(self, text: list[int], delay: float):
+        self.text, self.delay, self.seq = text, delay, []
+
+    def advance(self, acc) -> None:
+        self.seq += acc.new_tokens[0]
+
+    def propose(self, live):
+        time.sleep(self.delay)
+        n = len(self.seq) + 1  # the pending token follows the committed ones
+        return [[Branch(self.text[n : n + 3], [0.5] * 3, "scripted")]]
+
+
+@pytest.mark.parametrize("useful", [True, False])
+def test_source_gate_asks_a_costly_source_only_while_it_pays(useful):
+    """A source costing 5 ms per step beside a 10 ms forward (priced by a fixed cost model): guessing greedy's own
+    continuation it pays and is asked every step; guessing noise it is skipped most steps (probed again), while
+    the output stays greedy's either way. SourceGate's arithmetic on its own: a gain below 1 skips."""
+    model = tiny_model("qwen2")
+    ids = torch.tensor([PROMPTS[0]])
+    want = hf_greedy(model, ids, torch.ones_like(ids), 48)
+    text = want[0].tolist() if useful else torch.randint(5, 200, (want.shape[1] + 8,),
+                                                          generator=torch.Generator().manual_seed(0)).tolist()
+    made = []
+
+    def factory(bb, heads, calib):
+        made.append(SlowScript(text, 0.005))
+        return made[-1]
+
+    got, st = clp_fast.generate(model, ids, False, max_new_tokens=48, eos_token_id=[], pad_token_id=0,
+                                prompt_lookup=0, drafts=[factory], return_stats=True,
+                                cost_model=StepCost({1: 0.010, 8: 0.0105}, learn=False))
+    assert_equal_ids(got, want)
+    (src,) = st.sources
+    assert src["source"] == "SlowScript" and src["propose_s"] > 0.004
+    if useful:
+        assert src["skipped"] == 0 and src["gain"] > 1.0, src
+        assert st.tau > 2.5, st.tau
+    else:
+        assert src["skipped"] > 2 * src["asked"] and src["gain"] < 1.0, src  # measured: 37 skipped, 11 asked
+
+    gate = SourceGate(1)
+    gate.paid(0, 0.005)
+    assert gate.priced(0, 0.1) and not gate.priced(0, 0.5)  # 5 ms is 5 % of 100 ms, 1 % of 500 ms
+    gate.observe(0, {"expected": 1.0}, 100.0, 0.010)  # 1 token in 15 ms (66.7/s) against 100/s without it
+    assert gate.gain[0] == pytest.approx(1.0 / 0.015 / 100.0)
+    assert [gate.asks(0) for _ in range(4 * 8)].count(True) == 1  # gain < 0.8: one probe in 32 steps

@@ -91,6 +91,11 @@ class DraftSource:
     def advance(self, acc: Accepted) -> None:
         """Learn the step's outcome (after the prefill too). Default: nothing."""
 
+    def report(self) -> dict:
+        """What this source did in the decode call, for :attr:`clp_fast.engine.loop.DecodeStats.sources` (beside
+        the loop's own count of the steps it was asked for guesses and its time). Default: nothing."""
+        return {}
+
     def chosen(self, expected: dict[str, float], total: float) -> None:
         """Adaptive speculation's choice for the step just proposed: expected accepted guesses per kind and in
         all (pending tokens included). Default: nothing."""

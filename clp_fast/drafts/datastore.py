@@ -193,6 +193,10 @@ class DatastoreSource(DraftSource):
                 self.outputs.update(sid)
         self.pending = acc.pending.tolist()
 
+    def report(self) -> dict:
+        """Per kind: row-steps it proposed in and accepted guesses its branches held."""
+        return {"by_kind": {k: {"steps": self.steps[k], "accepted": self.accepted[k]} for k in self.kinds}}
+
     def propose(self, live: list[bool]) -> list[list[Proposal]]:
         self.last = [self._row(b) if ok else [] for b, ok in enumerate(live)]
         return self.last

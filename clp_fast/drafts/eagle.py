@@ -11,7 +11,7 @@ Features are the backbone's final, post-norm hidden states (what :class:`~clp_fa
 returns), so ``f_t`` lives in the same space and goes to the LM head as it is, as in EAGLE and vLLM.
 
 Pair ``i`` of a row is ``(h_i, x_{i+1})`` at RoPE position ``i``. Only committed tokens' pairs ever enter the
-cache (:meth:`EagleSource.advance`): a drafted chain's keys live in temporaries that :meth:`EagleSource.propose`
+cache (:meth:`EagleSource.advance` queues them, :meth:`EagleSource.catch_up` runs them): a drafted chain's keys live in temporaries that :meth:`EagleSource.propose`
 drops, so a rejected guess is never seen again. The network and its files: :mod:`clp_fast.drafts.eagle_model`.
 """
 
@@ -95,7 +95,9 @@ class EagleSource(DraftSource):
         self.v: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None  # [B] pairs committed
         self.last: torch.Tensor | None = None  # [B, H] the drafter's output at each row's last committed pair
-        self.seconds = 0.0  # time spent in advance() and propose() (draft cost per step = seconds / steps)
+        self.backlog: dict[int, list] = {}  # row -> [(hidden [n, H], tokens)] committed pairs not yet run
+        self.rows = 0  # batch size (from the first advance)
+        self.seconds = 0.0  # time spent drafting and catching up (draft cost per step = seconds / steps)
         self.steps = 0
 
     @classmethod
@@ -121,34 +123,43 @@ class EagleSource(DraftSource):
             self.k = F.pad(self.k, (0, 0, 0, pad))
             self.v = F.pad(self.v, (0, 0, 0, pad))
 
-    @torch.inference_mode()
     def advance(self, acc: Accepted) -> None:
-        """Run the drafter over each live row's new pairs ``(h(c_i), c_{i+1})`` of committed tokens ``c`` (the
-        last pair's token is ``pending``) and commit their K/V."""
+        """Queue each live row's new pairs ``(h(c_i), c_{i+1})`` of committed tokens ``c`` (the last pair's token
+        is ``pending``). The drafter runs over them at the next :meth:`propose` (:meth:`catch_up`): steps in which
+        adaptive speculation does not ask this source for guesses cost it nothing, and the pairs of several such
+        steps go through the drafter in one call."""
         if acc.path_hidden is None:
             raise ValueError("EagleSource needs Accepted.path_hidden (it declares wants_path_hidden)")
-        t0 = time.perf_counter()
-        B = len(acc.new_tokens)
         pending = acc.pending.tolist()
-        n = [len(t) if ok else 0 for t, ok in zip(acc.new_tokens, acc.live)]
-        N = max(n)
-        if N == 0:
+        for b, (new, ok) in enumerate(zip(acc.new_tokens, acc.live)):
+            if ok and new:
+                self.backlog.setdefault(b, []).append((acc.path_hidden[b, : len(new)].clone(), new[1:] + [pending[b]]))
+        self.rows = max(self.rows, len(acc.new_tokens))
+
+    @torch.inference_mode()
+    def catch_up(self) -> None:
+        """Run the drafter over every queued pair (per row, in order) and commit their K/V: afterwards ``k``,
+        ``v``, ``lengths`` and ``last`` hold every committed pair."""
+        if not self.backlog:
             return
-        dev = self.bb.device
+        t0 = time.perf_counter()
+        B, dev = self.rows, self.bb.device
+        n = [sum(len(t) for _, t in self.backlog.get(b, [])) for b in range(B)]
+        N = max(n)
         if self.k is None:
             self._grow(B, N)
         S = int(self.lengths.max())
         self._grow(B, S + N)
         toks = torch.zeros(B, N, dtype=torch.long)
-        for b in range(B):
-            if n[b]:
-                toks[b, : n[b]] = torch.tensor(acc.new_tokens[b][1 : n[b]] + [pending[b]])
-        toks = toks.to(dev)
+        feats = torch.zeros(B, N, self.drafter.hidden_size, dtype=self.dtype, device=dev)
+        for b, parts in self.backlog.items():
+            toks[b, : n[b]] = torch.tensor([t for _, ts in parts for t in ts])
+            feats[b, : n[b]] = torch.cat([h for h, _ in parts]).to(self.dtype)
+        self.backlog = {}
         new_len = torch.tensor(n, device=dev)
-        feats = acc.path_hidden[:, :N].to(self.dtype)  # [B, N, H]
         pos = self.lengths[:, None] + torch.arange(N, device=dev)[None]
         mask = causal_mask(self.lengths, new_len, S, N)
-        out, k, v = self.drafter(feats, self.embed(toks), pos, self.k[:, :, :S], self.v[:, :, :S], mask)
+        out, k, v = self.drafter(feats, self.embed(toks.to(dev)), pos, self.k[:, :, :S], self.v[:, :, :S], mask)
         for b in range(B):
             if n[b]:
                 L = int(self.lengths[b])
@@ -220,7 +231,12 @@ class EagleSource(DraftSource):
             feat, CK, CV = _pick(out, parent), _pick(CK, parent), _pick(CV, parent)
         return paths, probs
 
+    def report(self) -> dict:
+        """Its own seconds (drafting and catching up) and the steps it drafted in."""
+        return {"draft_s": self.seconds, "draft_steps": self.steps}
+
     def propose(self, live: list[bool]) -> list[list[Proposal]]:
+        self.catch_up()
         if self.last is None or not any(live):
             return [[] for _ in live]
         t0 = time.perf_counter()

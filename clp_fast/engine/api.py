@@ -151,7 +151,7 @@ def generate(
     sources = _sources(bb, heads, mode, policy, threshold, calib, top_m, prompt_lookup, adaptive, drafts)
     cost = (cost_model or step_cost(bb)) if adaptive else StepCost.flat()
     speculator = Speculator([k for s in sources for k in s.kinds], input_ids.shape[0], cost,
-                            max_step_tokens if mode == "lossless" else None, adaptive)
+                            max_step_tokens if mode == "lossless" else None, adaptive, len(sources))
     plan = _plan(model, bb, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, max_cache_bytes,
                  verifier, sources, speculator, streamer)
     stats = DecodeStats(mode=mode, accept_hist=[0] * (plan.width + 1))
@@ -226,7 +226,7 @@ def generate_processed(
     verifier = SamplingVerifier(lm_head, list(logits_processor or []), do_sample, generator)
     sources = _sources(bb, heads, mode, "clp", threshold, calib, top_m, prompt_lookup, adaptive, drafts)
     speculator = Speculator([k for s in sources for k in s.kinds], input_ids.shape[0],
-                            step_cost(bb) if adaptive else StepCost.flat(), max_step_tokens, adaptive)
+                            step_cost(bb) if adaptive else StepCost.flat(), max_step_tokens, adaptive, len(sources))
     plan = _plan(model, bb, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, None, verifier,
                  sources, speculator, streamer, list(stopping_criteria or []))
     stats = DecodeStats(mode=mode, accept_hist=[0] * (plan.width + 1))

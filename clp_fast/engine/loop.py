@@ -44,6 +44,9 @@ class DecodeStats:
     fed_tokens: int = 0  # tokens fed by the decode steps (prefill excluded), over all rows
     wall_time_s: float = 0.0
     cost_model: dict | None = None  # adaptive speculation: the step-cost points used (after this call's updates)
+    # per draft source: steps it was asked / skipped, its averaged propose seconds and gain (SourceGate), and
+    # its own DraftSource.report()
+    sources: list[dict] = field(default_factory=list)
 
     @property
     def tau(self) -> float:
@@ -60,7 +63,7 @@ class DecodeStats:
         return {
             "mode": self.mode, "forward_passes": self.forward_passes, "new_tokens": self.new_tokens, "tau": self.tau,
             "accept_hist": self.accept_hist, "drafted": self.drafted, "fed_tokens": self.fed_tokens,
-            "wall_time_s": self.wall_time_s,
+            "wall_time_s": self.wall_time_s, "sources": self.sources,
             "tokens_per_s": sum(self.new_tokens) / self.wall_time_s if self.wall_time_s > 0 else 0.0,
         }
 
@@ -110,11 +113,11 @@ def run(p: Plan, stats: DecodeStats) -> torch.Tensor:
         prefill(p, rows, stats)
         while not bool(rows.done.all()):
             t_step = time.perf_counter()
-            tries = draft(p, rows)
+            tries, without = draft(p, rows)
             active = finish_known(p, rows, tries, stats)
             if not bool(active.any()):
                 break
-            tree = choose(p, tries, active)
+            tree = choose(p, tries, active, without)
             t_fwd = time.perf_counter()
             hidden, new_k, new_v = p.bb.decode_step(tree.tokens, p.cache, tree.n_fed, tree.depth, tree.anc)
             best, verdict = p.verifier.verify(hidden, tree, rows.seq, rows.seq_len)  # [B]
@@ -131,6 +134,8 @@ def run(p: Plan, stats: DecodeStats) -> torch.Tensor:
         streaming.end(p.streamer)
     stats.new_tokens = rows.produced.tolist()
     stats.row_forwards = rows.forwards.tolist()
+    stats.sources = [{"source": type(s).__name__, "kinds": list(s.kinds), **g, **s.report()}
+                     for s, g in zip(p.sources, p.speculator.gate.summary())]
     return rows.seq[:, : p.input_ids.shape[1] + int(rows.produced.max())]
 
 
@@ -168,16 +173,34 @@ def advance(p: Plan, rows: Rows, verdict, hidden: torch.Tensor, new: list[list[i
         src.advance(acc)
 
 
-def draft(p: Plan, rows: Rows) -> list[tuple]:
+def draft(p: Plan, rows: Rows) -> tuple[list[tuple], dict[int, list[tuple]]]:
     """Per row, its tree ``(tokens, parents, priors, kinds)`` grown from every source's proposals up to the
-    row's cap (empty lists for finished rows)."""
+    row's cap (empty lists for finished rows); and, for each source the speculator prices
+    (:class:`clp_fast.engine.speculation.SourceGate`), the trees grown without it. Sources the gate does not
+    ask this step propose nothing."""
     live = ~rows.done
     caps = p.speculator.caps(p.max_new_tokens - rows.produced, live)
     live_l, pending = live.tolist(), rows.pending.tolist()
-    proposals = [src.propose(live_l) for src in p.sources]  # [source][row] -> list of proposals
+    gate, none = p.speculator.gate, [[] for _ in live_l]
+    proposals = []  # [source][row] -> list of proposals
+    p.speculator.held = []
+    for i, src in enumerate(p.sources):
+        if not gate.asks(i):
+            proposals.append(none)
+            p.speculator.held += [p.speculator.kinds.index(k) for k in src.kinds]
+            continue
+        t = time.perf_counter()
+        proposals.append(src.propose(live_l))
+        gate.paid(i, time.perf_counter() - t)
     factors = p.speculator.factors(len(live_l))
-    return [grow(pending[b], [pr for per_src in proposals for pr in per_src[b]], p.speculator.kinds, factors[b],
-                 caps[b]) if live_l[b] else ([], [], [], []) for b in range(len(live_l))]
+
+    def trees(drop: int = -1) -> list[tuple]:
+        return [grow(pending[b], [pr for i, per_src in enumerate(proposals) if i != drop for pr in per_src[b]],
+                     p.speculator.kinds, factors[b], caps[b]) if live_l[b] else ([], [], [], [])
+                for b in range(len(live_l))]
+
+    forward = p.speculator.price(max(1, sum(live_l))) or 0.0
+    return trees(), {i: trees(i) for i, pr in enumerate(proposals) if pr is not none and gate.priced(i, forward)}
 
 
 def finish_known(p: Plan, rows: Rows, tries: list[tuple], stats: DecodeStats) -> torch.Tensor:
@@ -201,10 +224,15 @@ def finish_known(p: Plan, rows: Rows, tries: list[tuple], stats: DecodeStats) ->
     return ~rows.done
 
 
-def choose(p: Plan, tries: list[tuple], active: torch.Tensor) -> Tree:
-    """The nodes this step feeds: the cost model's choice over the decoding rows' trees, as a padded tree."""
-    tries = [t if a else ([], [], [], []) for t, a in zip(tries, active.tolist())]
+def choose(p: Plan, tries: list[tuple], active: torch.Tensor, without: dict[int, list[tuple]] | None = None
+           ) -> Tree:
+    """The nodes this step feeds: the cost model's choice over the decoding rows' trees, as a padded tree; each
+    priced source is weighed against the choice ``without`` its guesses."""
+    act = active.tolist()
+    tries = [t if a else ([], [], [], []) for t, a in zip(tries, act)]
     chosen, choice = p.speculator.select(tries)
+    for i, alt in (without or {}).items():
+        p.speculator.weigh(i, choice, [t if a else ([], [], [], []) for t, a in zip(alt, act)])
     if p.speculator.adaptive:
         expected = dict(zip(p.speculator.kinds, choice["by_source"]))
         for src in p.sources:

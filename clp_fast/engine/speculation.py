@@ -25,13 +25,15 @@ import torch
 from clp_fast.engine.cost import StepCost
 from clp_fast.engine.tree import Tree, corrected
 
-__all__ = ["RowAcceptance", "SpeculationWorth", "Speculator", "select_nodes", "SOURCES", "TREE_MAX_GUESSES"]
+__all__ = ["RowAcceptance", "SpeculationWorth", "SourceGate", "Speculator", "select_nodes", "SOURCES",
+           "TREE_MAX_GUESSES"]
 
 SOURCES = ("lookup", "heads", "lookup1")  # the built-in kinds of guess: 2/3-gram lookup, MTP heads, 1-gram lookup
 TREE_MAX_GUESSES = 16  # most guesses one row's tree may grow in a step; the cost model usually stops well before
 PRIOR_WEIGHT = 2.0  # strength of the prior in RowAcceptance, in expected accepted guesses
 DECAY = 0.8  # per step: a row's acceptance history fades over ~5 steps
 PROBE_EVERY = 8  # steps of the losing kind (greedy or speculation) before it is measured again
+PRICED_SHARE = 0.02  # a source whose own time passes this share of a forward must pay for it (SourceGate)
 
 
 class RowAcceptance:
@@ -47,16 +49,18 @@ class RowAcceptance:
         return ((PRIOR_WEIGHT + self.hits) / (PRIOR_WEIGHT + self.expected)).clamp(0.25, 2.5).tolist()
 
     def update(self, prior: torch.Tensor, src: torch.Tensor, parent_ok: torch.Tensor, ok: torch.Tensor,
-               active: torch.Tensor) -> None:
+               active: torch.Tensor, held: list[int] = ()) -> None:
         """After verification: ``prior``/``src [B, T]`` per fed node, ``parent_ok [B, T]`` whether its parent
         was accepted (the node was *tried*), ``ok [B, T]`` whether it was accepted; rows not ``active`` keep
-        their history."""
+        their history, and so do the ``held`` kinds (those of a source not asked this step: its record should
+        not fade while it is not measured)."""
         tried = parent_ok.cpu()
         onehot = torch.nn.functional.one_hot(src.cpu().clamp(min=0), self.kinds).to(torch.float64)  # [B, T, S]
         onehot *= (tried & (src.cpu() >= 0))[..., None]
         exp = (onehot * prior.cpu().to(torch.float64)[..., None]).sum(1)
         hit = (onehot * ok.cpu()[..., None]).sum(1)
-        live = active.cpu()[:, None]
+        live = active.cpu()[:, None].expand(-1, self.kinds).clone()
+        live[:, list(held)] = False
         self.hits = torch.where(live, DECAY * self.hits + hit, self.hits)
         self.expected = torch.where(live, DECAY * self.expected + exp, self.expected)
 
@@ -119,6 +123,65 @@ class SpeculationWorth:
         steps = self.steps[speculated]
         steps.append((tokens, seconds))
         del steps[: -self.WINDOW]
+
+
+class SourceGate:
+    """Whether each draft source pays for its own time: the drafter's layer steps and LM-head passes cost
+    ~20 % of a bf16 forward on the 2-core CPU, which the forward's cost model does not see.
+
+    The loop times every source's ``propose`` (a source that defers work, as the drafter's catch-up over the
+    committed pairs, pays it there) and keeps a moving average ``c``. A source whose ``c`` passes
+    ``PRICED_SHARE`` of the step's forward is *priced*: the step's trees are grown a second time without its
+    proposals and the cost model chooses in both, so its worth is
+
+        gain = (E / (C + c)) / rate_without
+
+    with ``E`` the expected tokens and ``C`` the forward's price of the choice with it. A source whose averaged
+    gain falls below 1 is asked for guesses only once every ``PROBE_EVERY`` steps (``4 * PROBE_EVERY`` below
+    0.8), which measures it again; steps it is not asked cost it nothing. Only speed depends on this.
+    """
+
+    ALPHA = 0.25  # weight of the newest step in the moving averages
+
+    def __init__(self, sources: int, enabled: bool = True):
+        self.enabled = enabled
+        self.seconds: list[float | None] = [None] * sources  # averaged seconds per propose
+        self.gain: list[float | None] = [None] * sources
+        self.since = [0] * sources
+        self.asked = [0] * sources  # steps it was asked for guesses
+        self.skipped = [0] * sources
+
+    def asks(self, i: int) -> bool:
+        """Ask source ``i`` for this step's guesses?"""
+        g = self.gain[i]
+        ask = not self.enabled or g is None or g >= 1.0
+        if not ask:
+            self.since[i] += 1
+            if self.since[i] >= PROBE_EVERY * (4 if g < 0.8 else 1):
+                self.since[i], ask = 0, True
+        self.asked[i] += ask
+        self.skipped[i] += not ask
+        return ask
+
+    def paid(self, i: int, seconds: float) -> None:
+        c = self.seconds[i]
+        self.seconds[i] = seconds if c is None else (1 - self.ALPHA) * c + self.ALPHA * seconds
+
+    def priced(self, i: int, forward_seconds: float) -> bool:
+        """Whether source ``i`` costs enough beside a forward of ``forward_seconds`` to be weighed."""
+        c = self.seconds[i]
+        return self.enabled and c is not None and c > PRICED_SHARE * forward_seconds
+
+    def observe(self, i: int, with_it: dict, rate_without: float, forward_seconds: float) -> None:
+        """One step's choice with source ``i`` (:func:`select_nodes`' info, its forward priced at
+        ``forward_seconds``) against the best rate without it."""
+        gain = with_it["expected"] / (forward_seconds + self.seconds[i]) / max(rate_without, 1e-12)
+        g = self.gain[i]
+        self.gain[i] = gain if g is None else (1 - self.ALPHA) * g + self.ALPHA * gain
+
+    def summary(self) -> list[dict]:
+        return [{"asked": a, "skipped": s, "propose_s": c, "gain": g}
+                for a, s, c, g in zip(self.asked, self.skipped, self.seconds, self.gain)]
 
 
 def _expected_returns(rows: list[tuple], factors: list[list[float]]) -> list[list[float]]:
@@ -195,8 +258,10 @@ class Speculator:
     """
 
     def __init__(self, kinds: list[str], batch: int, cost: StepCost, max_step_tokens: int | None = None,
-                 adaptive: bool = True):
+                 adaptive: bool = True, sources: int = 0):
         self.kinds, self.cost, self.adaptive, self.max_step_tokens = kinds, cost, adaptive, max_step_tokens or None
+        self.gate = SourceGate(sources, enabled=adaptive)
+        self.held: list[int] = []  # this step's kinds of the sources the gate did not ask
         self.acceptance = RowAcceptance(batch, len(kinds)) if adaptive else None
         # The cost model was measured on one row: it prices a single row right, a ragged batch not always. A fixed
         # model (tests) decides alone.
@@ -217,6 +282,12 @@ class Speculator:
     def select(self, tries: list[tuple]) -> tuple[list[tuple], dict]:
         return select_nodes(tries, self.factors(len(tries)), self.cost, self.max_step_tokens if self.adaptive else None)
 
+    def weigh(self, i: int, choice: dict, without: list[tuple]) -> None:
+        """Price source ``i`` (:class:`SourceGate`): ``choice`` was made with its guesses, ``without`` are the
+        step's trees grown without them."""
+        _, alt = self.select(without)
+        self.gate.observe(i, choice, alt["rate"], self.cost(choice["fed"]))
+
     def speculating(self) -> bool:
         """Whether guesses are (as far as measured) worth feeding next step."""
         return self.worth.winning() if self.adaptive else True
@@ -236,5 +307,6 @@ class Speculator:
             return
         node = torch.arange(tree.tokens.shape[1], device=tree.tokens.device)[None]
         fed = (node < tree.n_fed[:, None]) & (node > 0)
-        self.acceptance.update(tree.prior, tree.src, on_path.gather(1, tree.parent) & fed, on_path & fed, active)
+        self.acceptance.update(tree.prior, tree.src, on_path.gather(1, tree.parent) & fed, on_path & fed, active,
+                               self.held)
         self.worth.observe(bool((tree.n_fed > 1).any()), committed, seconds)

@@ -173,8 +173,10 @@ def after_step(step: int) -> None:
     """Called after every optimiser step (a seam for tests that simulate an interruption)."""
 
 
-def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, progress: bool = True) -> dict:
-    """Optimise ``drafter`` (fp32) over the training shards in ``cache``, resuming from its checkpoint."""
+def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, progress: bool = True,
+              checkpoint: Path | None = None) -> dict:
+    """Optimise ``drafter`` (fp32) over the training shards in ``cache``, resuming from its checkpoint
+    (``checkpoint``, default ``cache / CKPT_NAME``; runs of other options over one cache each need their own)."""
     from clp_fast.heads import lm_head_fingerprint
 
     paths = [p for kind in TRAIN_KINDS for p in shard_paths(cache, kind)]
@@ -187,7 +189,7 @@ def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, 
     fingerprint = lm_head_fingerprint(W)
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, history = 0, []
-    ckpt = cache / CKPT_NAME
+    ckpt = Path(checkpoint) if checkpoint else cache / CKPT_NAME
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         if state["fingerprint"] != fingerprint or state["config"] != dataclasses.asdict(cfg):
