@@ -146,7 +146,8 @@ def main() -> int:
     atomic_write_text(out / "ablation.json", json.dumps(report, indent=1) + "\n")
     md = (f"# Drafter ablation ({args.model}, {args.steps} steps of 4 windows each, held-out teacher-forced "
           f"windows: {heads['positions']} positions)\n\n"
-          f"Command: `python bench/eagle_ablation.py {' '.join(sys.argv[1:])}`\n\n" + table(results, heads, args.eval_depth))
+          f"Command: `python bench/eagle_ablation.py {' '.join(sys.argv[1:])}`\n\n"
+          + table(results, heads, args.eval_depth))
     atomic_write_text(out / "ablation.md", md)
     print(md)
     return 0

@@ -11,8 +11,9 @@ Features are the backbone's final, post-norm hidden states (what :class:`~clp_fa
 returns), so ``f_t`` lives in the same space and goes to the LM head as it is, as in EAGLE and vLLM.
 
 Pair ``i`` of a row is ``(h_i, x_{i+1})`` at RoPE position ``i``. Only committed tokens' pairs ever enter the
-cache (:meth:`EagleSource.advance` queues them, :meth:`EagleSource.catch_up` runs them): a drafted chain's keys live in temporaries that :meth:`EagleSource.propose`
-drops, so a rejected guess is never seen again. The network and its files: :mod:`clp_fast.drafts.eagle_model`.
+cache (:meth:`EagleSource.advance` queues them, :meth:`EagleSource.catch_up` runs them): a drafted chain's keys
+live in temporaries that :meth:`EagleSource.propose` drops, so a rejected guess is never seen again. The network
+and its files: :mod:`clp_fast.drafts.eagle_model`.
 """
 
 from __future__ import annotations
