@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from clp_fast.files import publish_folder, staging
 
 __all__ = ["medusa_tensors", "medusa_config", "eagle_tensors", "eagle_config", "export_vllm"]
 
@@ -84,18 +84,7 @@ def export_vllm(model, out: str | os.PathLike, *, heads=None, drafter=None, dtyp
         drafter.check_compatible(model)
         tensors, config = eagle_tensors(drafter), eagle_config(drafter, model.config)
     tensors = {n: t.detach().to(dtype).contiguous().cpu() for n, t in tensors.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp's private modes -> the user's usual ones
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        return publish_folder(tmp, out)

@@ -12,19 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from clp_fast import backend, reference
+from clp_fast import backend, files, reference
 from clp_fast.drafts.calibration import TreeCalibration
-from clp_fast.faults import kill_point
 
 __all__ = ["MTPHeads", "CLP", "GatePolicy", "lm_head_fingerprint", "MAX_HEADS"]
 
@@ -259,32 +256,15 @@ class MTPHeads(nn.Module):
         }
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write ``heads.safetensors`` + ``config.json`` to ``directory`` atomically (temp dir, rename).
+        """Write ``heads.safetensors`` + ``config.json`` to ``directory`` atomically
+        (:func:`clp_fast.files.save_weights`: temp dir, renames, the config naming the weights' sha256).
 
         Files already in ``directory`` that are not ours are left alone; ours are replaced.
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         tensors = {n: (t.detach().to(dtype) if dtype else t.detach()).contiguous().cpu()
                    for n, t in self.state_dict().items()}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            save_file(tensors, str(tmp / WEIGHTS_NAME))
-            config = {**self.config_dict(), "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            directory.mkdir(exist_ok=True)
-            umask = os.umask(0)
-            os.umask(umask)
-            # Weights first, config last: a process killed between the two renames leaves the new weights beside
-            # the old config, whose weights_sha256 then names the mismatch on load.
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                # mkstemp-style temp files are 0600; give the saved files the permissions of any new file
-                os.chmod(tmp / name, 0o666 & ~umask)
-                os.replace(tmp / name, directory / name)
-                kill_point(f"heads:replaced-{name}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        return files.save_weights(directory, tensors, self.config_dict(), WEIGHTS_NAME, CONFIG_NAME,
+                                  kill_prefix="heads")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, model=None, dtype=torch.float32,
@@ -316,14 +296,6 @@ class MTPHeads(nn.Module):
         return heads
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _heads_from_config(cls, cfg_path: Path) -> MTPHeads:
     """Fresh heads shaped as ``cfg_path`` says; ``ValueError`` naming the file for a bad or incomplete config."""
     try:
@@ -344,17 +316,17 @@ def _heads_from_config(cls, cfg_path: Path) -> MTPHeads:
         raise ValueError(f"{cfg_path}: {e}") from e
 
 
-def _read_weights(w_path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
-    """The tensors of ``w_path``, checked against the config's ``sha256`` (None: heads saved before it was
+def _read_weights(w_path: Path, recorded: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of ``w_path``, checked against the config's sha256 ``recorded`` (None: heads saved before it was
     recorded) and for NaN / inf, which are named by tensor, head and row."""
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{w_path} is truncated or corrupted: {e}") from e
-    actual = _sha256(w_path) if sha256 is not None else None
-    if actual != sha256:
+    actual = files.sha256(w_path) if recorded is not None else None
+    if actual != recorded:
         raise ValueError(f"{w_path} is corrupted, edited or from another save: its sha256 {actual} is not the "
-                         f"{sha256} recorded in {CONFIG_NAME}")
+                         f"{recorded} recorded in {CONFIG_NAME}")
     for name, t in state.items():
         bad = (~torch.isfinite(t.float())).nonzero()
         if bad.numel():

@@ -143,12 +143,12 @@ def test_truncated_or_corrupted_heads_file(model, tmp_path):
 
 
 def test_save_is_atomic_on_failure(model, tmp_path, monkeypatch):
-    import clp_fast.heads as heads_mod
+    import clp_fast.files as files_mod
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(heads_mod, "save_file", boom)
+    monkeypatch.setattr(files_mod, "save_file", boom)
     with pytest.raises(OSError, match="No space"):
         MTPHeads.for_model(model, 2).save_pretrained(tmp_path / "h")
     assert not (tmp_path / "h").exists()

@@ -188,7 +188,7 @@ def test_edited_heads_weights_are_named(saved_heads):
 
 def test_save_killed_between_its_renames_is_named(saved_heads, tiny_qwen2, monkeypatch):
     """Weights replaced, config not yet: the old config's sha256 names the half-replaced pair."""
-    import clp_fast.heads as heads_mod
+    import clp_fast.files as files_mod
     from clp_fast.heads import MTPHeads
 
     folder, old = saved_heads
@@ -198,7 +198,7 @@ def test_save_killed_between_its_renames_is_named(saved_heads, tiny_qwen2, monke
             raise KeyboardInterrupt
 
     new = MTPHeads.for_model(tiny_qwen2, 2)
-    monkeypatch.setattr(heads_mod, "kill_point", die)
+    monkeypatch.setattr(files_mod, "kill_point", die)
     with pytest.raises(KeyboardInterrupt):
         new.save_pretrained(folder)
     with pytest.raises(ValueError, match="sha256"):

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from clp_fast.files import save_weights, sha256
 
 __all__ = ["EagleDrafter", "FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -215,26 +215,9 @@ class EagleDrafter(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write ``drafter.safetensors`` + ``config.json`` to ``directory`` atomically (temp dir, then renames:
         weights first, config last, the config naming the weights' sha256)."""
-        from clp_fast.heads import _sha256
-
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         tensors = {n: (t.detach().to(dtype) if dtype else t.detach()).contiguous().cpu()
                    for n, t in self.state_dict().items()}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            save_file(tensors, str(tmp / WEIGHTS_NAME))
-            config = {**self.config_dict(), "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            directory.mkdir(exist_ok=True)
-            umask = os.umask(0)
-            os.umask(umask)
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.chmod(tmp / name, 0o666 & ~umask)
-                os.replace(tmp / name, directory / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        return save_weights(directory, tensors, self.config_dict(), WEIGHTS_NAME, CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, model=None, dtype=torch.float32,
@@ -245,8 +228,6 @@ class EagleDrafter(nn.Module):
         bad or incomplete config, weights truncated, edited or not matching the config, NaN / inf weights,
         another backbone.
         """
-        from clp_fast.heads import _sha256
-
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for p in (cfg_path, w_path):
@@ -272,7 +253,7 @@ class EagleDrafter(nn.Module):
             state = load_file(str(w_path))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{w_path} is truncated or corrupted: {e}") from e
-        if _sha256(w_path) != cfg.get("weights_sha256"):
+        if sha256(w_path) != cfg.get("weights_sha256"):
             raise ValueError(f"{w_path} is corrupted, edited or from another save: its sha256 is not the one "
                              f"recorded in {CONFIG_NAME}")
         for name, t in state.items():
