@@ -16,6 +16,7 @@ import clp_fast
 from clp_fast.drafts import eagle
 from clp_fast.drafts.eagle import EagleDrafter, EagleSource
 from clp_fast.engine import generate_processed, sampling
+from clp_fast.engine.speculation import SourceGate
 from clp_fast.heads import MTPHeads
 from clp_fast.train import eagle as train_eagle_mod
 from clp_fast.train.eagle import EagleTrainConfig, unrolled, unrolled_loss
@@ -136,12 +137,17 @@ def test_training_windows_teach_the_drafter_per_depth(oracle):
         assert acc > 0.8, (j, float(acc))  # an untrained (identity) drafter: ~1 / vocab
 
 
-@pytest.mark.parametrize("drafter_kind", ["random", "overfitted", "overfitted tree"])
-def test_drafter_cache_holds_only_committed_pairs(oracle, drafter_kind):
+@pytest.mark.parametrize("drafter_kind", ["random", "overfitted", "overfitted tree", "overfitted, asked 1 step in 3"])
+def test_drafter_cache_holds_only_committed_pairs(oracle, drafter_kind, monkeypatch):
     """After decoding (ragged B = 4 with the random drafter; B = 1 with accepted and rejected chains for the
     overfitted one), each row's drafter K/V and last output equal a fresh teacher-forced forward over the pairs
-    of the tokens it committed, computed from transformers' hidden states: no drafted pair leaked in."""
+    of the tokens it committed, computed from transformers' hidden states: no drafted pair leaked in. With the
+    source asked for guesses only one step in three (as SourceGate skips a source that does not pay), the
+    queued pairs of the skipped steps go through the drafter together and give the same cache."""
     model, ids, want, d = oracle
+    if "1 step in 3" in drafter_kind:
+        steps = iter(range(10**6))
+        monkeypatch.setattr(SourceGate, "asks", lambda self, i: next(steps) % 3 == 0)
     if drafter_kind == "random":
         d = random_drafter(model)
         ids, mask = left_pad(PROMPTS)
@@ -150,6 +156,9 @@ def test_drafter_cache_holds_only_committed_pairs(oracle, drafter_kind):
     made = []
     out, st = decode(model, ids, mask, d, depth=4, n=N_NEW, record=made, top_m=3 if "tree" in drafter_kind else 1)
     (src,) = made
+    if "1 step in 3" in drafter_kind:
+        assert_equal_ids(out, want[:, : ids.shape[1] + N_NEW])
+        assert 0 < src.steps < st.forward_passes / 2, (src.steps, st.forward_passes)  # it drafted 1 step in 3
     src.catch_up()  # the last step's pairs wait for a next propose()
     for b in range(ids.shape[0]):
         seq = out[b][torch.cat([mask[b].bool(), torch.ones(N_NEW, dtype=torch.bool)])]
