@@ -128,7 +128,7 @@ class EagleSource(DraftSource):
         """Queue each live row's new pairs ``(h(c_i), c_{i+1})`` of committed tokens ``c`` (the last pair's token
         is ``pending``). The drafter runs over them at the next :meth:`propose` (:meth:`catch_up`): steps in which
         adaptive speculation does not ask this source for guesses cost it nothing, and the pairs of several such
-        steps go through the drafter in one call."""
+        steps go through the drafter in one call. The prompt's pairs (the first call) run at once."""
         if acc.path_hidden is None:
             raise ValueError("EagleSource needs Accepted.path_hidden (it declares wants_path_hidden)")
         pending = acc.pending.tolist()
@@ -136,6 +136,8 @@ class EagleSource(DraftSource):
             if ok and new:
                 self.backlog.setdefault(b, []).append((acc.path_hidden[b, : len(new)].clone(), new[1:] + [pending[b]]))
         self.rows = max(self.rows, len(acc.new_tokens))
+        if self.k is None:  # the prompt: the drafter's prefill, paid once like the backbone's (not a step's price)
+            self.catch_up()
 
     @torch.inference_mode()
     def catch_up(self) -> None:
