@@ -104,7 +104,8 @@ def _run_vllm(spec: dict, prompts: list[dict], n: int, warmup: int, config: str)
         kw["speculative_config"] = {"method": config, "model": spec[config], "num_speculative_tokens": spec["spec_k"]}
     t0 = time.perf_counter()
     llm = LLM(model=spec["model_path"], dtype="bfloat16" if spec["dtype"] == "bf16" else "float32", seed=0,
-              max_model_len=spec["max_model_len"], enable_prefix_caching=False, generation_config="vllm", **kw)
+              max_model_len=spec["max_model_len"], enable_prefix_caching=False, generation_config="vllm",
+              disable_log_stats="speculative_config" not in kw, **kw)  # get_metrics() needs the stats
     startup = time.perf_counter() - t0
     eos = spec["eos_token_ids"]
 

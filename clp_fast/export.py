@@ -9,8 +9,10 @@
 - **EAGLE** (``{"method": "eagle", "model": DIR}``, vLLM's ``EagleLlamaForCausalLM``): ``fc`` over
   ``cat(embed(x_{t+1}), h_t)``, one Llama decoder layer whose input norm is dropped (EAGLE-1's layout, ours), the
   target's embedding and LM head shared (not written). The config is a ``LlamaConfig`` of one layer with the
-  backbone's shapes; a Qwen2 backbone's biased q/k/v become ``attention_bias: true`` (Qwen2's RoPE is Llama's
-  default one). vLLM drafts over the full vocabulary; ours over the first ``draft_vocab`` rows.
+  backbone's shapes; a Qwen2 backbone's biased q/k/v become ``attention_bias: true`` with a zero ``o_proj`` bias
+  (Llama's flag biases o_proj too; without the tensor vLLM 0.32 left that bias uninitialised and accepted no
+  draft: 0 of 327 draft tokens, 2026-12-07); Qwen2's RoPE is Llama's default one. vLLM drafts over the full
+  vocabulary; ours over the first ``draft_vocab`` rows.
 
 Both are written into a temporary folder and renamed into place (nothing half-written is left under ``out``).
 """
@@ -51,6 +53,9 @@ def eagle_tensors(drafter) -> dict[str, torch.Tensor]:
     out = {"fc.weight": drafter.fc.weight}
     for name, t in drafter.layer.state_dict().items():
         out[f"layers.0.{name}"] = t
+    o_bias = "layers.0.self_attn.o_proj.bias"
+    if drafter.attention_bias and o_bias not in out:  # Llama's attention_bias biases o_proj too, Qwen2's does not:
+        out[o_bias] = drafter.fc.weight.new_zeros(drafter.hidden_size)  # a zero bias is Qwen2's layer exactly
     return out
 
 

@@ -55,6 +55,16 @@ def test_eagle_layout_is_a_one_layer_llama_without_input_norm(tmp_path, arch):
     for name, w in d.layer.state_dict().items():
         assert torch.equal(t[f"layers.0.{name}"], w), name
     assert ("layers.0.self_attn.q_proj.bias" in t) == (arch == "qwen2")
+    # Every parameter of the Llama decoder layer the config describes is in the export (none left uninitialised
+    # by a loader): Llama's attention_bias also biases o_proj, which Qwen2 has not -- exported as zeros.
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    keys = {f"layers.0.{n}" for n in LlamaDecoderLayer(LlamaConfig(**cfg), 0).state_dict()} - {
+        "layers.0.input_layernorm.weight"}
+    assert keys == {n for n in t if n.startswith("layers.0.")}, keys ^ set(t)
+    if arch == "qwen2":
+        assert not t["layers.0.self_attn.o_proj.bias"].any()
 
 
 def test_export_refuses_a_full_folder_and_ambiguous_input(tmp_path):
