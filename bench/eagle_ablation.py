@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clp_fast import reference  # noqa: E402
 from clp_fast.drafts.eagle_model import EagleDrafter  # noqa: E402
 from clp_fast.train.config import atomic_write_text  # noqa: E402
-from clp_fast.train.eagle import EagleTrainConfig, evaluate_eagle, fit_eagle  # noqa: E402
-from clp_fast.train.shards import load_shard, shard_paths  # noqa: E402
+from clp_fast.train.eagle import EagleTrainConfig, evaluate_eagle, fit_eagle, heldout_accuracy  # noqa: E402
 
 VARIANTS = {  # name: (training-time-test depth, draft vocabulary)
     "ttt3-v32k": (3, 32768),
@@ -41,34 +40,18 @@ VARIANTS = {  # name: (training-time-test depth, draft vocabulary)
 
 @torch.no_grad()
 def evaluate_heads_tf(heads, model, cache: Path, depth: int, max_windows: int = 64) -> dict:
-    """The heads on :func:`evaluate_eagle`'s positions: ``acc[j-1]`` = P(head j's guess at ``i`` == the backbone's
-    argmax at ``i + j``), ``chain`` the running product of hits, ``tau = 1 + sum(chain)``."""
+    """The heads on :func:`evaluate_eagle`'s positions (:func:`heldout_accuracy`): head ``j`` at ``i`` guesses the
+    backbone's argmax at ``i + j``, as the drafter's depth ``j`` does; depths past ``k`` never hit."""
     W = model.get_output_embeddings().weight.detach()
-    right, chain_right, count, seen = torch.zeros(depth), torch.zeros(depth), 0, 0
-    for p in shard_paths(cache, "heldout_tf"):
-        data = load_shard(p)
-        n = min(data["length"].shape[0], max_windows - seen)
-        if n <= 0:
-            break
-        seen += n
-        for w in range(n):
-            L = int(data["length"][w])
-            hid, am = data["hidden"][w, :L].to(W.dtype), data["argmax"][w, :L].long()
-            i = torch.arange(L - 1)
-            ok = (i >= int(data["start"][w])) & (i + depth <= L - 1)
-            if not bool(ok.any()):
-                continue
-            ids = reference.fused_heads(hid[: L - 1], heads.weight.to(W.dtype), heads.bias.to(W.dtype), W,
-                                        draft_vocab=heads.draft_vocab)[0][:, 1:]  # [T, k]
-            hits = torch.zeros(L - 1, depth, dtype=torch.bool)
-            for j in range(1, min(depth, heads.k) + 1):
-                hits[:, j - 1] = ids[:, j - 1] == am[(i + j).clamp(max=L - 1)]
-            hits = hits[ok]
-            right += hits.float().sum(0)
-            chain_right += hits.long().cumprod(1).float().sum(0)
-            count += hits.shape[0]
-    acc, chain = (right / max(count, 1)).tolist(), (chain_right / max(count, 1)).tolist()
-    return {"positions": count, "acc": acc, "chain": chain, "tau": 1 + sum(chain)}
+
+    def guesses(data, w, L):
+        ids = reference.fused_heads(data["hidden"][w, : L - 1].to(W.dtype), heads.weight.to(W.dtype),
+                                    heads.bias.to(W.dtype), W, draft_vocab=heads.draft_vocab)[0][:, 1:]  # [T, k]
+        out = torch.full((L - 1, depth), -1, dtype=torch.long)
+        out[:, : min(depth, heads.k)] = ids[:, :depth]
+        return out
+
+    return heldout_accuracy(cache, depth, guesses, max_windows=max_windows)
 
 
 def run_variant(name: str, model, cache: Path, work: Path, steps: int, eval_depth: int, windows: int) -> dict:

@@ -37,7 +37,8 @@ from clp_fast.train import losses
 from clp_fast.train.config import RUN_MARKER, atomic_torch_save, atomic_write_text, log, seeded
 from clp_fast.train.shards import load_shard, shard_paths
 
-__all__ = ["EagleTrainConfig", "unrolled", "unrolled_loss", "train_eagle", "evaluate_eagle", "CKPT_NAME"]
+__all__ = ["EagleTrainConfig", "unrolled", "unrolled_loss", "train_eagle", "evaluate_eagle", "heldout_accuracy",
+           "CKPT_NAME"]
 
 CKPT_NAME = "eagle_checkpoint.pt"
 TRAIN_KINDS = ("tf", "gen")
@@ -236,17 +237,12 @@ def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, 
 
 
 @torch.no_grad()
-def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: str = "heldout_tf",
-                   max_windows: int = 64) -> dict:
-    """Per-depth top-1 accuracy on ``kind`` shards (teacher-forced tokens, the drafter fed its own features):
-    ``acc[j-1]`` = P(depth-j guess == the backbone's argmax), ``chain[j-1]`` = P(depths 1..j all right), and
-    ``tau = 1 + sum(chain)`` (a greedy chain's expected tokens per step where the text is the backbone's own)."""
-    W = model.get_output_embeddings().weight.detach()
-    embed = model.get_input_embeddings()
-    right = torch.zeros(depth)
-    chain_right = torch.zeros(depth)
-    count = 0
-    seen = 0
+def heldout_accuracy(cache: Path, depth: int, guesses, kind: str = "heldout_tf", max_windows: int = 64) -> dict:
+    """Per-depth top-1 agreement with the backbone's argmax over the first ``max_windows`` windows of ``kind``
+    shards. ``guesses(data, w, L)`` gives anchor ``i``'s depth-``j`` guess of the token after ``i + j`` as a
+    ``[L - 1, depth]`` id tensor (a drafter's, or the heads'). Returns ``acc[j-1]`` = P(depth-j guess right),
+    ``chain[j-1]`` = P(depths 1..j all right) and ``tau = 1 + sum(chain)``."""
+    right, chain_right, count, seen = torch.zeros(depth), torch.zeros(depth), 0, 0
     for p in shard_paths(cache, kind):
         data = load_shard(p)
         n = min(data["length"].shape[0], max_windows - seen)
@@ -255,20 +251,13 @@ def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: 
         seen += n
         for w in range(n):
             L = int(data["length"][w])
-            hid = data["hidden"][w : w + 1, :L].float()
-            tok = data["tokens"][w : w + 1, :L].long()
-            am = data["argmax"][w, :L].long()
-            outs = unrolled(drafter, embed, hid, tok, depth)
-            T = L - 1
-            i = torch.arange(T)
+            i = torch.arange(L - 1)
             ok = (i >= int(data["start"][w])) & (i + depth <= L - 1)
             if not bool(ok.any()):
                 continue
-            hits = []
-            for j, f in enumerate(outs, start=1):
-                guess = F.linear(f[0].to(W.dtype), W[: drafter.draft_vocab]).float().argmax(-1)
-                hits.append(guess == am[(i + j).clamp(max=L - 1)])
-            hits = torch.stack(hits, 1)[ok]  # [R, depth]
+            am = data["argmax"][w, :L].long()
+            want = torch.stack([am[(i + j).clamp(max=L - 1)] for j in range(1, depth + 1)], 1)
+            hits = (guesses(data, w, L) == want)[ok]  # [R, depth]
             right += hits.float().sum(0)
             chain_right += hits.long().cumprod(1).float().sum(0)
             count += hits.shape[0]
@@ -276,6 +265,21 @@ def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: 
         return {"positions": 0}
     acc, chain = (right / count).tolist(), (chain_right / count).tolist()
     return {"positions": count, "kind": kind, "acc": acc, "chain": chain, "tau": 1 + sum(chain)}
+
+
+def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: str = "heldout_tf",
+                   max_windows: int = 64) -> dict:
+    """:func:`heldout_accuracy` of the drafter, unrolled ``depth`` times over teacher-forced tokens and fed its own
+    features (``tau`` is then a greedy chain's expected tokens per step where the text is the backbone's own)."""
+    W = model.get_output_embeddings().weight.detach()
+    embed = model.get_input_embeddings()
+
+    def guesses(data, w, L):
+        outs = unrolled(drafter, embed, data["hidden"][w : w + 1, :L].float(), data["tokens"][w : w + 1, :L].long(),
+                        depth)
+        return torch.stack([F.linear(f[0].to(W.dtype), W[: drafter.draft_vocab]).float().argmax(-1) for f in outs], 1)
+
+    return heldout_accuracy(cache, depth, guesses, kind, max_windows)
 
 
 def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
