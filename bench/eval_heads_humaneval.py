@@ -58,7 +58,7 @@ def score(bb, heads: MTPHeads, seqs: list[tuple[list[int], list[int]]], hidden: 
             continue
         h = hid[t].to(bb.device)
         z = reference.head_hidden(h, heads.weight, heads.bias)[:, 1:]
-        top, conf = head_predictions(z, bb.lm_head_weight, heads.draft_vocab)  # top[..., 0]: the decode argmax
+        top, conf = head_predictions(z, bb.plain_lm_head, heads.draft_vocab)  # top[..., 0]: the decode argmax
         top = top.cpu()
         tj = t[:, None] + 1 + torch.arange(1, k + 1)[None]
         ok = tj < len(seq)

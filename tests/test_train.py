@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from clp_fast import reference, train
 from clp_fast.eval.data import stdlib_dir
 from clp_fast.heads import MTPHeads
+from clp_fast.models import packed
+from clp_fast.models.native import NativeBackbone
 from clp_fast.train import fit, losses, shards
 
 ASSETS = Path(reference.__file__).parent / "assets" / "heads"
@@ -197,6 +199,22 @@ def test_resume_with_new_training_options_reuses_the_data(model, corpus, tmp_pat
     trained = _training_ce(heads, model.lm_head.weight, tmp_path / "out-cache")
     start = _training_ce(MTPHeads.for_model(model, 3), model.lm_head.weight, tmp_path / "out-cache")
     assert all(a < 0.9 * b for a, b in zip(trained, start)), (trained, start)  # the resumed run trained them
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and packed._cpu_packs(torch.bfloat16)),
+                    reason="oneDNN packs no bf16 weight on this CPU (AVX2 only): the engine's LM head stays a tensor")
+def test_bf16_backbone_whose_step_is_packed_trains(corpus, tmp_path, monkeypatch):
+    """On a CPU where the engine packs bf16 weights, NativeBackbone's LM head is a PackedWeight; the data build
+    and the heads' fit multiply by the model's own tensor (failed before with "'PackedWeight' object has no
+    attribute 'detach'" on an AVX-512 EPYC)."""
+    monkeypatch.setenv("CLP_FAST_PACK", "1")
+    model = tiny_model(0).to(torch.bfloat16)
+    assert isinstance(NativeBackbone(model).lm_head_weight, packed.PackedWeight)
+    heads = _run(model, tmp_path, "out", corpus, epochs=2)
+    W = model.lm_head.weight.float()
+    trained = _training_ce(heads.float(), W, tmp_path / "out-cache")
+    start = _training_ce(MTPHeads.for_model(model, 3).float(), W, tmp_path / "out-cache")
+    assert all(a < 0.9 * b for a, b in zip(trained, start)), (trained, start)
 
 
 # --------------------------------------------------------------------------------------- bad input

@@ -87,6 +87,7 @@ class NativeBackbone:
         # [V, H] LM head, plain or packed: pass it to backend.fused_heads / reference.head_rows, which multiply
         # through clp_fast.models.packed.linear.
         self.lm_head_weight = plain if self.step is None else self.step.lm_head
+        self.plain_lm_head = plain  # the model's own [V, H] tensor (training, F.linear), packed or not
         H = plain.shape[1]
         # k = 0 head weight / bias for fused_heads' backbone-only call (greedy mode), built once.
         self.no_heads = (plain.new_zeros((0, H, H)), plain.new_zeros((0, H)))

@@ -191,7 +191,7 @@ def train_heads(
     from clp_fast.models.native import NativeBackbone
 
     bb = NativeBackbone(model)
-    W = bb.lm_head_weight.detach()
+    W = bb.plain_lm_head.detach()
     fingerprint = lm_head_fingerprint(W)
     name = backbone or str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
     cfg_dict = {**dataclasses.asdict(cfg), "corpus": list(cfg.corpus)}

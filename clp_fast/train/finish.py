@@ -25,7 +25,7 @@ def finish_run(model, bb, plan: dict, cfg: TrainConfig, cache: Path, out_dir: Pa
     if cfg.head_design != "medusa1":
         raise ValueError(f"head_design={cfg.head_design!r} can be measured (bench/ablate_heads.py) but not shipped: "
                          f"the decode kernels run 'medusa1'")
-    W = bb.lm_head_weight.detach()
+    W = bb.plain_lm_head.detach()
     heads = MTPHeads.for_model(model, cfg.k, backbone=name, with_gate=cfg.with_gate, draft_vocab=cfg.draft_vocab)
     heads.train()
     t = time.perf_counter()
