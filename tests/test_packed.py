@@ -146,3 +146,40 @@ def test_the_users_model_is_untouched(pack_on):
     for n, p in model.named_parameters():
         assert p.data_ptr() == before[n][0] and torch.equal(p.detach(), before[n][1]), n
     assert_equal_ids(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False), hf_before)
+
+
+@needs_mkldnn
+def test_the_drafter_drafts_through_packed_products(pack_on):
+    """A bf16 EAGLE-style drafter drafts (no grad) through its packed fc, q|k|v, o and gate|up, and trains (grad)
+    through its modules: the two forwards agree to bf16 rounding of each product (one ulp, 2**-8 relative,
+    compounded over five products: rtol 2**-5); a weight changed in place is repacked; decoding with it packs it."""
+    from clp_fast.drafts.eagle import EagleDrafter, EagleSource, causal_mask
+
+    model = tiny_model(dtype=torch.bfloat16)
+    torch.manual_seed(7)
+    d = EagleDrafter.for_model(model, init="random", std=0.05).to(torch.bfloat16)
+    B, T, H = 2, 5, d.hidden_size
+    feature, emb = torch.randn(B, T, H).bfloat16(), torch.randn(B, T, H).bfloat16()
+    pos = torch.arange(T).expand(B, T)
+    mask = causal_mask(torch.zeros(B, dtype=torch.long), torch.full((B,), T), 0, T)
+
+    def both():
+        with torch.enable_grad():
+            plain = d(feature, emb, pos, None, None, mask)
+        with torch.no_grad():
+            got = d(feature, emb, pos, None, None, mask)
+        for a, b in zip(got, plain):
+            torch.testing.assert_close(a.float(), b.detach().float(), rtol=2**-5, atol=2**-5)
+        return got[0]
+
+    first = both()
+    assert packed.drafter_weights(d) is not None
+    with torch.no_grad():
+        d.layer.self_attn.o_proj.weight.mul_(3.0)
+    assert not torch.equal(both(), first)  # repacked: the packed forward follows the new weight
+
+    packed.release(d)
+    ids, mask = left_pad([[5, 9, 14, 3]])
+    clp_fast.generate(model, ids, False, attention_mask=mask, max_new_tokens=6, mode="lossless", prompt_lookup=0,
+                      drafts=[EagleSource.factory(d, depth=2)])
+    assert packed._CACHE.get(d) is not None

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from clp_fast.files import save_weights, sha256
+from clp_fast.models import packed
 
 __all__ = ["EagleDrafter", "FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -170,11 +171,13 @@ class EagleDrafter(nn.Module):
         """
         B, T, _ = feature.shape
         D = self.head_dim
-        x = self.fc(torch.cat([emb.to(feature.dtype), feature], dim=-1))
-        attn = self.layer.self_attn
-        q = attn.q_proj(x).view(B, T, self.num_heads, D).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, self.kv_heads, D).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, self.kv_heads, D).transpose(1, 2)
+        pw = None if torch.is_grad_enabled() else packed.drafter_weights(self)  # drafting on a packing CPU
+        fc, attn = (self.fc if pw is None else pw.fc), self.layer.self_attn
+        x = fc(torch.cat([emb.to(feature.dtype), feature], dim=-1))
+        q, k, v = self._qkv(x, pw)
+        q = q.view(B, T, self.num_heads, D).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, D).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, D).transpose(1, 2)
         ang = pos.float()[..., None] * self.inv_freq  # [B, T, D/2]
         ang = torch.cat([ang, ang], dim=-1)[:, None]  # [B, 1, T, D]
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
@@ -184,9 +187,24 @@ class EagleDrafter(nn.Module):
         vals = v if past_v is None else torch.cat([past_v, v], dim=2)
         o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=D**-0.5,
                                            enable_gqa=self.num_heads != self.kv_heads)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * D))
-        x = x + self.layer.mlp(self.layer.post_attention_layernorm(x))
-        return x, k, v
+        x = x + (attn.o_proj if pw is None else pw.layer.o)(o.transpose(1, 2).reshape(B, T, self.num_heads * D))
+        return x + self._mlp(self.layer.post_attention_layernorm(x), pw), k, v
+
+    def _qkv(self, x: torch.Tensor, pw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[B, T, heads * D]`` / ``[B, T, kv_heads * D]``: three products, or one packed q|k|v."""
+        attn = self.layer.self_attn
+        if pw is None:
+            return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        kv = self.kv_heads * self.head_dim
+        return pw.layer.qkv(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+
+    def _mlp(self, x: torch.Tensor, pw) -> torch.Tensor:
+        """The MLP; packed, one gate|up product (the down projection stays plain, as in the backbone's step)."""
+        mlp = self.layer.mlp
+        if pw is None:
+            return mlp(x)
+        gate, up = pw.layer.gate_up(x).chunk(2, dim=-1)
+        return mlp.down_proj(F.silu(gate) * up)
 
     # ---------------------------------------------------------------- compatibility and persistence
     def check_compatible(self, model) -> None:

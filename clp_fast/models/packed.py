@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PackedWeight", "StepWeights", "linear", "rows", "step_weights", "release", "packing_enabled"]
+__all__ = ["PackedWeight", "StepWeights", "DrafterWeights", "linear", "rows", "step_weights", "drafter_weights",
+           "release", "packing_enabled", "packs"]
 
 _PACKED_DTYPES = (torch.bfloat16,)
 # Products of more rows (prefill, wide batched verification) take the plain path: compute-bound there, so
@@ -121,10 +122,14 @@ class StepWeights:
 
 def packing_enabled(model) -> bool:
     """Pack when the weights are bf16 on a CPU with oneDNN, unless ``CLP_FAST_PACK=0``."""
+    return packs(model.get_output_embeddings().weight)
+
+
+def packs(w: torch.Tensor) -> bool:
+    """Whether a weight like ``w`` is packed here: bf16 on a CPU whose oneDNN packs it, ``CLP_FAST_PACK`` not 0."""
     flag = os.environ.get("CLP_FAST_PACK", "1").strip()
     if flag not in ("0", "1"):
         raise ValueError(f"CLP_FAST_PACK={flag!r} must be 0 or 1")
-    w = model.get_output_embeddings().weight
     return (flag == "1" and w.device.type == "cpu" and w.dtype in _PACKED_DTYPES
             and torch.backends.mkldnn.is_available() and _cpu_packs(w.dtype))
 
@@ -180,6 +185,30 @@ def step_weights(model) -> StepWeights | None:
         layers = [_pack_layer(layer) for layer in model.model.layers]
         lm_head = PackedWeight(model.get_output_embeddings().weight, keep_plain=True)
         _CACHE[model] = got = StepWeights(layers, lm_head, fp)
+    return got
+
+
+@dataclass
+class DrafterWeights:
+    """An EAGLE-style drafter's products, packed: its ``fc`` and its one decoder layer's (as a backbone layer's)."""
+
+    fc: PackedWeight
+    layer: LayerWeights
+    fingerprint: tuple
+
+
+@torch.no_grad()
+def drafter_weights(drafter) -> DrafterWeights | None:
+    """``drafter``'s packed weights (:class:`clp_fast.drafts.eagle_model.EagleDrafter`), packed on first use and
+    kept until its weights change; None where packing is off. Drafting only: the packed products have no
+    gradient, so training (grad enabled) runs the plain modules."""
+    if not packs(drafter.fc.weight):
+        return None
+    fp = _fingerprint(drafter)
+    got = _CACHE.get(drafter)
+    if got is None or got.fingerprint != fp:
+        _CACHE[drafter] = got = DrafterWeights(PackedWeight(drafter.fc.weight, plain=drafter.fc),
+                                               _pack_layer(drafter.layer), fp)
     return got
 
 
