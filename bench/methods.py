@@ -172,14 +172,14 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
     return methods
 
 
-def drafter_factory(model, folder: str, depth: int, top_m: int = 1):
+def drafter_factory(model, folder: str, depth: int, top_m: int = 1, stop_below: float = 0.0):
     """A ``drafts=[...]`` entry drafting with the EAGLE-style drafter saved in ``folder`` (in the model's dtype);
     the sources it made are kept in ``factory.sources`` (their draft seconds and steps)."""
     from clp_fast.drafts.eagle import EagleDrafter, EagleSource
 
     W = model.get_output_embeddings().weight
     return EagleSource.factory(EagleDrafter.from_pretrained(folder, model=model, dtype=W.dtype, device=W.device),
-                               depth, top_m)
+                               depth, top_m, stop_below)
 
 
 # ------------------------------------------------------------------------------------------ prompts

@@ -158,7 +158,8 @@ def drafter_note(records: list[dict], args) -> str:
                 gate = next((s for s in r.get("sources", []) if "draft_s" in s), {})
                 t[0], t[1] = t[0] + r["draft_s"], t[1] + r["draft_steps"]
                 t[2], t[3] = t[2] + gate.get("asked", 0), t[3] + gate.get("skipped", 0)
-    return (f"Drafter {args.drafter} (depth {args.drafter_depth}, top_m {args.drafter_top_m}), its own ms per step "
+    return (f"Drafter {args.drafter} (depth {args.drafter_depth}, top_m {args.drafter_top_m}, stop below "
+            f"{args.drafter_stop_below}), its own ms per step "
             "it drafted in (catch-up + propose), and the steps it was asked for guesses: " + "; ".join(
                 f"{k}: {1e3 * s / max(n, 1):.1f} ms, asked {a} of {a + sk}" for k, (s, n, a, sk) in tot.items()) + ".")
 
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(k=2, no lookup), 'drafter alone' (no heads, no lookup) and 'lossless + drafter' (k=2)")
     p.add_argument("--drafter-depth", type=int, default=3, help="the drafter's guesses per step (default 3)")
     p.add_argument("--drafter-top-m", type=int, default=1, help="1: chains; > 1: EAGLE-2 trees of that many paths")
+    p.add_argument("--drafter-stop-below", type=float, default=0.0,
+                   help="a chain stops once every row's product of priors is below this (default 0: full depth)")
     p.add_argument("--methods", help="comma-separated substrings: time only the rows whose label holds one "
                                      "(hf-greedy always)")
     p.add_argument("--write-prompts", metavar="FILE",
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         from clp_fast.drafts.datastore import datastore_factory
 
         store = datastore_factory(tok)
-    drafter = drafter_factory(model, args.drafter, args.drafter_depth, args.drafter_top_m) if args.drafter else None
+    drafter = drafter_factory(model, args.drafter, args.drafter_depth, args.drafter_top_m,
+                              args.drafter_stop_below) if args.drafter else None
     methods = make_methods(model, heads, args.ks, eos, pad, args.clp_threshold, counter, args.speculation,
                            compiled_cache_len=cache_len, datastore=store, drafter=drafter)
     if args.methods:

@@ -285,6 +285,11 @@ def test_training_resumes_to_the_same_weights_after_a_kill(tmp_path, monkeypatch
     assert card["heldout"]["positions"] > 0 and len(card["heldout"]["acc"]) == 3
     losses = [row[1] for row in card["loss_history"]]
     assert losses[-1] < losses[0], losses  # it trained
+    cal = ref.extra["calibration"]  # its priors: measured on the held-out windows the card reports
+    assert sum(cal["counts"][0]) == card["heldout"]["positions"]  # depth 1: every held-out guess
+    chain = card["heldout"]["chain"]
+    for j in (1, 2):  # depth j + 1: only the guesses whose parents were all right
+        assert sum(cal["counts"][j]) == round(chain[j - 1] * card["heldout"]["positions"])
 
     def kill(step):
         if step == 7:  # after the checkpoint at step 5: steps 6-7 are redone on resume
@@ -300,3 +305,53 @@ def test_training_resumes_to_the_same_weights_after_a_kill(tmp_path, monkeypatch
     got = _train(model, tmp_path, "out", resume=True)
     for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_calibration_table_is_hits_over_seen_with_pseudo_counts():
+    """Hand-computed: two depths, three anchors; depth 2 counts only anchors whose depth-1 guess was right."""
+    binned = torch.zeros(2, 2, train_eagle_mod.CALIB_BINS)
+    hits = torch.tensor([[True, True], [True, False], [False, True]])
+    probs = torch.tensor([[0.95, 0.35], [0.91, 0.31], [0.05, 0.99]])
+    train_eagle_mod._bin(binned, hits, probs)
+    got = train_eagle_mod.calibration_table(binned)
+    c = train_eagle_mod.CALIB_PSEUDO
+    assert got["counts"][0][9] == 2 and got["counts"][0][0] == 1 and got["counts"][1][3] == 2
+    assert sum(got["counts"][1]) == 2  # the third anchor's depth-2 guess (parent wrong) is not counted
+    assert got["rates"][0][9] == pytest.approx((2 + c * 0.95) / (2 + c))
+    assert got["rates"][1][3] == pytest.approx((1 + c * 0.35) / (2 + c))
+    assert got["rates"][1][5] == pytest.approx(0.55)  # unseen: its midpoint
+
+
+def test_calibrated_priors_and_chains_that_stop_early(oracle, tmp_path):
+    """A drafter saved with a calibration table proposes the table's rates as priors, and with ``stop_below``
+    each chain ends at the first depth where the product of its priors falls below it; output stays greedy."""
+    import copy
+
+    model, ids, want, d = oracle
+    d = copy.deepcopy(d)
+    table = {"edges": [0.0, 0.5, 1.0], "rates": [[0.2, 0.9], [0.1, 0.6]]}
+    d.extra = {"calibration": table}
+    d.save_pretrained(tmp_path / "d")
+    d = EagleDrafter.from_pretrained(tmp_path / "d", model=model)
+    assert d.extra["calibration"] == table
+    seen = []
+
+    class Spy(EagleSource):
+        def propose(self, live):
+            out = super().propose(live)
+            seen.extend(br for row in out for br in row)
+            return out
+
+    got, _ = clp_fast.generate(model, ids, False, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                               mode="lossless", eos_token_id=[], pad_token_id=0, prompt_lookup=0,
+                               drafts=[lambda bb, h, c: Spy(bb, d, 4, 1, stop_below=0.5)], speculation="fixed",
+                               return_stats=True)
+    assert_equal_ids(got, want[:, : ids.shape[1] + 32])
+    assert seen
+    for br in seen:
+        for j, p in enumerate(br.priors):
+            assert any(p == pytest.approx(r) for r in table["rates"][min(j, 1)]), (j, p)
+        chain = torch.tensor(br.priors).cumprod(0)
+        stop = next((j + 1 for j, c in enumerate(chain.tolist()) if c < 0.5), 4)
+        assert len(br.tokens) == stop, (br.priors, len(br.tokens))
+    assert any(len(br.tokens) > 1 for br in seen)

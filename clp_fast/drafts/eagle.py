@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from clp_fast.drafts.base import Accepted, Branch, DraftSource, Proposal
+from clp_fast.drafts.calibration import TreeCalibration
 from clp_fast.drafts.eagle_model import FORMAT, EagleDrafter
 from clp_fast.models import packed
 
@@ -57,8 +58,9 @@ class EagleSource(DraftSource):
     Per row it keeps the drafter's K/V of every committed pair (``[B, KVH, S, D]``, grown as needed) and its
     output at the last one (the feature that guesses the token after the pending one). ``propose`` drafts
     ``depth`` tokens: the first from that output, each next one from a drafter step over ``(previous output,
-    previous guess)`` whose K/V is kept only for the chain. Priors are the drafter's softmax probability of each
-    guess (uncalibrated: the loop corrects them per row by the kind's acceptance).
+    previous guess)`` whose K/V is kept only for the chain. A guess's prior is its measured acceptance given its
+    parents' at its depth and softmax probability (the calibration table training stored with the drafter), or the
+    probability itself for a drafter without one; the loop corrects priors per row by the kind's acceptance.
 
     With ``top_m > 1`` it drafts a dynamic tree instead (EAGLE-2): per depth, each of the ``top_m`` frontier
     nodes is expanded to its ``top_m`` most likely children in one batched drafter call, and the ``top_m``
@@ -70,12 +72,15 @@ class EagleSource(DraftSource):
         drafter: an :class:`EagleDrafter` for this backbone, on its device.
         depth: guesses per chain, ``>= 1``.
         top_m: 1 for a chain, ``> 1`` for a dynamic tree of ``top_m`` paths.
+        stop_below: a chain stops growing once every row's chance that all its guesses so far are right (the
+            product of its priors) is below this (0: always ``depth`` deep); a deeper guess could add no more.
     """
 
     kinds = ("eagle",)
     wants_path_hidden = True
 
-    def __init__(self, bb, drafter: EagleDrafter, depth: int = DEFAULT_DEPTH, top_m: int = 1):
+    def __init__(self, bb, drafter: EagleDrafter, depth: int = DEFAULT_DEPTH, top_m: int = 1,
+                 stop_below: float = 0.0):
         if not isinstance(drafter, EagleDrafter):
             raise TypeError(f"drafter must be an EagleDrafter, got {type(drafter).__name__}")
         for name, val in (("depth", depth), ("top_m", top_m)):
@@ -83,7 +88,11 @@ class EagleSource(DraftSource):
                 raise ValueError(f"{name}={val!r} must be a positive int")
         if top_m > drafter.draft_vocab:
             raise ValueError(f"top_m={top_m} exceeds the draft vocabulary ({drafter.draft_vocab})")
-        self.top_m = top_m
+        if not 0.0 <= stop_below < 1.0:
+            raise ValueError(f"stop_below={stop_below!r} must be in [0, 1)")
+        self.top_m, self.stop_below = top_m, float(stop_below)
+        cal = drafter.extra.get("calibration")
+        self.calib = TreeCalibration.from_dict(cal) if cal else None  # measured at training (train.eagle)
         drafter.check_compatible(bb.model)
         dev = next(drafter.parameters()).device
         if dev != bb.device:
@@ -102,11 +111,11 @@ class EagleSource(DraftSource):
         self.steps = 0
 
     @classmethod
-    def factory(cls, drafter: EagleDrafter, depth: int = DEFAULT_DEPTH, top_m: int = 1):
+    def factory(cls, drafter: EagleDrafter, depth: int = DEFAULT_DEPTH, top_m: int = 1, stop_below: float = 0.0):
         """A ``drafts=[...]`` entry for :func:`clp_fast.generate` that drafts with ``drafter``; the sources it made
         are kept in ``factory.sources`` (their ``seconds`` and ``steps``), as the datastore's factory does."""
         def factory(bb, heads, calib):
-            factory.sources.append(cls(bb, drafter, depth, top_m))
+            factory.sources.append(cls(bb, drafter, depth, top_m, stop_below))
             return factory.sources[-1]
         factory.sources = []
         return factory
@@ -181,13 +190,14 @@ class EagleSource(DraftSource):
         S = int(lengths.max())
         K, V = self.k[rows, :, :S], self.v[rows, :, :S]
         R = rows.shape[0]
-        toks, probs = [], []
+        toks, probs, chain = [], [], torch.ones(R)
         for d in range(self.max_depth):
             logits = packed.linear(f.to(self.bb.dtype), self.W).float()  # [R, Vd]
             tok = logits.argmax(-1)  # lowest index on ties, as torch.argmax
             toks.append(tok)
-            probs.append(torch.softmax(logits, -1).gather(1, tok[:, None])[:, 0])
-            if d == self.max_depth - 1:
+            probs.append(self.prior(d + 1, torch.softmax(logits, -1).gather(1, tok[:, None])[:, 0]))
+            chain = chain * probs[-1].cpu()
+            if d == self.max_depth - 1 or bool((chain < self.stop_below).all()):
                 break
             # the pair (f, tok) at position lengths + d: sees the committed pairs and this chain's earlier ones
             mask = torch.cat([torch.arange(S, device=f.device)[None] < lengths[:, None],
@@ -196,6 +206,14 @@ class EagleSource(DraftSource):
             K, V = torch.cat([K, k], dim=2), torch.cat([V, v], dim=2)
             f = out[:, 0]
         return torch.stack(toks, 1), torch.stack(probs, 1)
+
+    def prior(self, depth: int, p: torch.Tensor) -> torch.Tensor:
+        """Priors of depth-``depth`` guesses of drafter probability ``p [...]``: the calibration's, else ``p``."""
+        if self.calib is None:
+            return p
+        table = torch.tensor(self.calib.rates[min(depth, len(self.calib.rates)) - 1], device=p.device)
+        edges = torch.tensor(self.calib.edges[1:-1], device=p.device)
+        return table[torch.bucketize(p.float(), edges, right=True)]
 
     @torch.inference_mode()
     def tree(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +230,7 @@ class EagleSource(DraftSource):
         pos = lengths.repeat_interleave(m)
         lp = torch.log_softmax(packed.linear(f.to(self.bb.dtype), self.W).float(), -1)
         cum, tok = lp.topk(m, -1)  # [R, m]: the frontier at depth 1
-        paths, probs = tok[..., None], cum.exp()[..., None]  # [R, m, 1]
+        paths, probs = tok[..., None], self.prior(1, cum.exp())[..., None]  # [R, m, 1]
         feat = f[:, None].expand(R, m, H)
         CK = CV = None  # [R, m, KVH, d, D] each frontier node's chain of drafted pairs
         for d in range(1, self.max_depth):
@@ -230,7 +248,8 @@ class EagleSource(DraftSource):
             cum, best = score.topk(m, -1)  # [R, m]
             parent = best // m
             paths = torch.cat([_pick(paths, parent), c_tok.view(R, m * m).gather(1, best)[..., None]], dim=2)
-            probs = torch.cat([_pick(probs, parent), c_lp.view(R, m * m).gather(1, best).exp()[..., None]], dim=2)
+            step_p = self.prior(d + 1, c_lp.view(R, m * m).gather(1, best).exp())
+            probs = torch.cat([_pick(probs, parent), step_p[..., None]], dim=2)
             feat, CK, CV = _pick(out, parent), _pick(CK, parent), _pick(CV, parent)
         return paths, probs
 
@@ -263,9 +282,10 @@ _DRAFTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def use_drafter(model, drafter: EagleDrafter | str | os.PathLike | None, depth: int = DEFAULT_DEPTH,
-                top_m: int = 1) -> None:
+                top_m: int = 1, stop_below: float = 0.0) -> None:
     """Make ``drafts=["eagle"]`` draft with ``drafter`` (an :class:`EagleDrafter` or a folder it was saved to)
-    for this loaded ``model``, ``depth`` deep, as a chain (``top_m = 1``) or a dynamic tree; None forgets it."""
+    for this loaded ``model``, ``depth`` deep, as a chain (``top_m = 1``) or a dynamic tree, chains stopping early
+    below ``stop_below`` (:class:`EagleSource`); None forgets it."""
     if drafter is None:
         _DRAFTERS.pop(model, None)
         return
@@ -273,7 +293,7 @@ def use_drafter(model, drafter: EagleDrafter | str | os.PathLike | None, depth: 
         W = model.get_output_embeddings().weight
         drafter = EagleDrafter.from_pretrained(drafter, model=model, dtype=W.dtype, device=W.device)
     drafter.check_compatible(model)
-    _DRAFTERS[model] = (drafter, depth, top_m)
+    _DRAFTERS[model] = (drafter, depth, top_m, stop_below)
 
 
 def eagle_factory(bb, heads, calib) -> EagleSource:

@@ -236,13 +236,19 @@ def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, 
             "seconds_this_run": time.perf_counter() - t0}
 
 
+CALIB_BINS = 10  # probability bins of the drafter's calibration table
+CALIB_PSEUDO = 4.0  # pseudo-counts at a bin's midpoint: a bin seen a few times keeps near its own probability
+
+
 @torch.no_grad()
 def heldout_accuracy(cache: Path, depth: int, guesses, kind: str = "heldout_tf", max_windows: int = 64) -> dict:
     """Per-depth top-1 agreement with the backbone's argmax over the first ``max_windows`` windows of ``kind``
     shards. ``guesses(data, w, L)`` gives anchor ``i``'s depth-``j`` guess of the token after ``i + j`` as a
-    ``[L - 1, depth]`` id tensor (a drafter's, or the heads'). Returns ``acc[j-1]`` = P(depth-j guess right),
-    ``chain[j-1]`` = P(depths 1..j all right) and ``tau = 1 + sum(chain)``."""
+    ``[L - 1, depth]`` id tensor (a drafter's, or the heads'), or a pair (ids, their probabilities). Returns
+    ``acc[j-1]`` = P(depth-j guess right), ``chain[j-1]`` = P(depths 1..j all right) and ``tau = 1 + sum(chain)``;
+    given probabilities, also ``calibration`` (:func:`calibration_table`)."""
     right, chain_right, count, seen = torch.zeros(depth), torch.zeros(depth), 0, 0
+    binned = torch.zeros(2, depth, CALIB_BINS)  # [hits, seen] of a guess whose parents were right, per prob bin
     for p in shard_paths(cache, kind):
         data = load_shard(p)
         n = min(data["length"].shape[0], max_windows - seen)
@@ -257,14 +263,41 @@ def heldout_accuracy(cache: Path, depth: int, guesses, kind: str = "heldout_tf",
                 continue
             am = data["argmax"][w, :L].long()
             want = torch.stack([am[(i + j).clamp(max=L - 1)] for j in range(1, depth + 1)], 1)
-            hits = (guesses(data, w, L) == want)[ok]  # [R, depth]
+            got = guesses(data, w, L)
+            ids, probs = got if isinstance(got, tuple) else (got, None)
+            hits = (ids == want)[ok]  # [R, depth]
             right += hits.float().sum(0)
             chain_right += hits.long().cumprod(1).float().sum(0)
             count += hits.shape[0]
+            if probs is not None:
+                _bin(binned, hits, probs[ok])
     if count == 0:
         return {"positions": 0}
     acc, chain = (right / count).tolist(), (chain_right / count).tolist()
-    return {"positions": count, "kind": kind, "acc": acc, "chain": chain, "tau": 1 + sum(chain)}
+    out = {"positions": count, "kind": kind, "acc": acc, "chain": chain, "tau": 1 + sum(chain)}
+    if binned[1].sum() > 0:
+        out["calibration"] = calibration_table(binned)
+    return out
+
+
+def _bin(binned: torch.Tensor, hits: torch.Tensor, probs: torch.Tensor) -> None:
+    """Add guesses whose parents were all right (depth 1: every one) to ``binned [2, depth, bins]``."""
+    parents_right = torch.cat([torch.ones_like(hits[:, :1]), hits[:, :-1].long().cumprod(1).bool()], dim=1)
+    b = (probs.float() * CALIB_BINS).long().clamp(0, CALIB_BINS - 1)
+    for j in range(hits.shape[1]):
+        sel = parents_right[:, j]
+        binned[0, j].index_add_(0, b[sel, j], hits[sel, j].float())
+        binned[1, j].index_add_(0, b[sel, j], torch.ones(int(sel.sum())))
+
+
+def calibration_table(binned: torch.Tensor) -> dict:
+    """Per depth and probability bin, the measured acceptance of a guess given its parents' (the loop's priors
+    are conditional): hits over seen, with :data:`CALIB_PSEUDO` pseudo-counts at the bin's midpoint. The layout
+    of :class:`clp_fast.drafts.calibration.TreeCalibration` (``edges``, ``rates``), plus the ``counts``."""
+    mids = (torch.arange(CALIB_BINS) + 0.5) / CALIB_BINS
+    rates = (binned[0] + CALIB_PSEUDO * mids) / (binned[1] + CALIB_PSEUDO)
+    return {"edges": [i / CALIB_BINS for i in range(CALIB_BINS + 1)], "rates": rates.tolist(),
+            "counts": binned[1].long().tolist()}
 
 
 def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: str = "heldout_tf",
@@ -277,7 +310,9 @@ def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: 
     def guesses(data, w, L):
         outs = unrolled(drafter, embed, data["hidden"][w : w + 1, :L].float(), data["tokens"][w : w + 1, :L].long(),
                         depth)
-        return torch.stack([F.linear(f[0].to(W.dtype), W[: drafter.draft_vocab]).float().argmax(-1) for f in outs], 1)
+        logits = [F.linear(f[0].to(W.dtype), W[: drafter.draft_vocab]).float() for f in outs]
+        ids = torch.stack([lg.argmax(-1) for lg in logits], 1)
+        return ids, torch.stack([torch.softmax(lg, -1).amax(-1) for lg in logits], 1)
 
     return heldout_accuracy(cache, depth, guesses, kind, max_windows)
 
@@ -339,7 +374,10 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
     card = {"command": command, "config": dataclasses.asdict(cfg), "data": data_stats, "data_seconds": data_seconds,
             "fit": {k: v for k, v in fit.items() if k != "loss_history"}, "loss_history": fit["loss_history"],
             "heldout": ev, "wall_seconds": time.perf_counter() - t_start}
-    drafter.extra = {"training": {"command": command, "heldout": ev, "steps": fit["steps"]}}
+    drafter.extra = {"training": {"command": command, "heldout": {k: v for k, v in ev.items() if k != "calibration"},
+                                  "steps": fit["steps"]}}
+    if "calibration" in ev:  # the drafter's priors in the decode loop (EagleSource)
+        drafter.extra["calibration"] = ev["calibration"]
     drafter.save_pretrained(out_dir, dtype=save_dtype)
     atomic_write_text(out_dir / "training_card.json", json.dumps(card, indent=1) + "\n")
     atomic_write_text(out_dir / "training_card.md", _card_md(card))
