@@ -4,8 +4,6 @@ output stays greedy's."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from clp_fast import reference
 from clp_fast.drafts import heads as heads_src
 from clp_fast.drafts.base import Branch, DraftSource
 from clp_fast.engine import cost as cost_mod
+from clp_fast.engine import loop
 from clp_fast.engine.cost import StepCost, step_cost
 from clp_fast.engine.speculation import SOURCES, RowAcceptance, SourceGate, select_nodes
 from clp_fast.heads import MTPHeads
@@ -342,26 +341,37 @@ def test_speculation_worth_follows_the_faster_kind_and_probes_the_other():
     assert SpeculationWorth(enabled=False).want() and SpeculationWorth(enabled=False).winning()
 
 
+class ScriptedClock:
+    """The loop's source clock (``loop.source_clock``): time moves only when a scripted source says it worked, so
+    the gate sees exactly the cost it is given however loaded the machine is."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class SlowScript(DraftSource):
-    """A draft source that costs ``delay`` seconds per propose and guesses the next three tokens of ``text`` (the
-    full sequence, prompt first): the greedy continuation (useful) or noise (useless). Batch 1."""
+    """A draft source that costs ``delay`` seconds per propose (on ``clock``) and guesses the next three tokens of
+    ``text`` (the full sequence, prompt first): the greedy continuation (useful) or noise (useless). Batch 1."""
 
     kinds, max_depth = ("scripted",), 3
 
-    def __init__(self, text: list[int], delay: float):
-        self.text, self.delay, self.seq = text, delay, []
+    def __init__(self, text: list[int], delay: float, clock: ScriptedClock):
+        self.text, self.delay, self.clock, self.seq = text, delay, clock, []
 
     def advance(self, acc) -> None:
         self.seq += acc.new_tokens[0]
 
     def propose(self, live):
-        time.sleep(self.delay)
+        self.clock.now += self.delay
         n = len(self.seq) + 1  # the pending token follows the committed ones
         return [[Branch(self.text[n : n + 3], [0.5] * 3, "scripted")]]
 
 
 @pytest.mark.parametrize("useful", [True, False])
-def test_source_gate_asks_a_costly_source_only_while_it_pays(useful):
+def test_source_gate_asks_a_costly_source_only_while_it_pays(useful, monkeypatch):
     """A source costing 5 ms per step beside a 10 ms forward (priced by a fixed cost model): guessing greedy's own
     continuation it pays and is asked every step; guessing noise it is skipped most steps (probed again), while
     the output stays greedy's either way. SourceGate's arithmetic on its own: a gain below 1 skips."""
@@ -370,10 +380,11 @@ def test_source_gate_asks_a_costly_source_only_while_it_pays(useful):
     want = hf_greedy(model, ids, torch.ones_like(ids), 48)
     text = want[0].tolist() if useful else torch.randint(5, 200, (want.shape[1] + 8,),
                                                           generator=torch.Generator().manual_seed(0)).tolist()
-    made = []
+    made, clock = [], ScriptedClock()
+    monkeypatch.setattr(loop, "source_clock", clock)
 
     def factory(bb, heads, calib):
-        made.append(SlowScript(text, 0.005))
+        made.append(SlowScript(text, 0.005, clock))
         return made[-1]
 
     got, st = clp_fast.generate(model, ids, False, max_new_tokens=48, eos_token_id=[], pad_token_id=0,
@@ -381,7 +392,7 @@ def test_source_gate_asks_a_costly_source_only_while_it_pays(useful):
                                 cost_model=StepCost({1: 0.010, 8: 0.0105}, learn=False))
     assert_equal_ids(got, want)
     (src,) = st.sources
-    assert src["source"] == "SlowScript" and src["propose_s"] > 0.004
+    assert src["source"] == "SlowScript" and src["propose_s"] == pytest.approx(0.005)
     if useful:
         assert src["skipped"] == 0 and src["gain"] > 1.0, src
         assert st.tau > 2.5, st.tau

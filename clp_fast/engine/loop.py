@@ -26,6 +26,8 @@ from clp_fast.engine.tree import Tree, grow, make_tree
 
 __all__ = ["DecodeStats", "Plan", "run", "keep_tokens", "append_tokens"]
 
+source_clock = time.perf_counter  # times each draft source's propose (SourceGate); tests swap in a scripted clock
+
 
 @dataclass
 class DecodeStats:
@@ -189,9 +191,9 @@ def draft(p: Plan, rows: Rows) -> tuple[list[tuple], dict[int, list[tuple]]]:
             proposals.append(none)
             p.speculator.held += [p.speculator.kinds.index(k) for k in src.kinds]
             continue
-        t = time.perf_counter()
+        t = source_clock()
         proposals.append(src.propose(live_l))
-        gate.paid(i, time.perf_counter() - t)
+        gate.paid(i, source_clock() - t)
     factors = p.speculator.factors(len(live_l))
 
     def trees(drop: int = -1) -> list[tuple]:
