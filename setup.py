@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Multi-token-prediction heads + collocation-length predictor for faster LLM decoding",
     packages=find_packages(include=["clp_fast", "clp_fast.*"]),
-    package_data={"clp_fast": ["assets/heads/*/*"]},
+    package_data={"clp_fast": ["assets/heads/*/*", "assets/drafters/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -355,3 +355,26 @@ def test_calibrated_priors_and_chains_that_stop_early(oracle, tmp_path):
         stop = next((j + 1 for j, c in enumerate(chain.tolist()) if c < 0.5), 4)
         assert len(br.tokens) == stop, (br.priors, len(br.tokens))
     assert any(len(br.tokens) > 1 for br in seen)
+
+
+def test_drafts_eagle_takes_the_shipped_drafter_that_fits(tmp_path, monkeypatch):
+    """``drafts=["eagle"]`` without use_drafter: the shipped drafter whose LM-head fingerprint fits the model (here
+    a folder standing in for clp_fast/assets/drafters), else an error naming the shipped ones."""
+    from clp_fast import assets
+
+    model = tiny_model("qwen2")
+    ids, mask = left_pad(PROMPTS[:1])
+    want = hf_greedy(model, ids, mask, 12)
+    monkeypatch.setattr(assets, "DRAFTERS_DIR", tmp_path / "drafters")
+    kw = dict(attention_mask=mask, max_new_tokens=12, mode="lossless", eos_token_id=[], pad_token_id=0,
+              prompt_lookup=0, drafts=["eagle"], speculation="fixed")
+    with pytest.raises(ValueError, match="none shipped"):
+        clp_fast.generate(model, ids, False, **kw)
+    random_drafter(tiny_model("llama")).save_pretrained(tmp_path / "drafters" / "other")  # another backbone
+    with pytest.raises(ValueError, match="other"):
+        clp_fast.generate(model, ids, False, **kw)
+    random_drafter(model).save_pretrained(tmp_path / "drafters" / "tiny")
+    got, st = clp_fast.generate(model, ids, False, return_stats=True, **kw)
+    assert_equal_ids(got, want)
+    assert st.drafted > 0
+    eagle.use_drafter(model, None)

@@ -1,4 +1,5 @@
-"""Shipped MTP heads: ``clp_fast/assets/heads/<name>/`` (bf16 safetensors + config.json)."""
+"""Shipped MTP heads (``clp_fast/assets/heads/<name>/``) and EAGLE-style drafters (``assets/drafters/<name>/``):
+bf16 safetensors + config.json (+ training card), matched to a backbone by its LM-head fingerprint."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from clp_fast.heads import MTPHeads, lm_head_fingerprint
 
 HEADS_DIR = Path(__file__).parent / "heads"
+DRAFTERS_DIR = Path(__file__).parent / "drafters"
 
 
 def shipped_heads() -> dict[str, Path]:
@@ -31,3 +33,23 @@ def default_heads_for(model):
         f"no shipped MTP heads fit this backbone (LM-head fingerprint {fp}); shipped: "
         f"{', '.join(shipped_heads()) or 'none'}. Pass heads=..., or train some with `clp-fast train`."
     )
+
+
+def shipped_drafters() -> dict[str, Path]:
+    """``{name: folder}`` of every shipped drafter."""
+    if not DRAFTERS_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(DRAFTERS_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def shipped_drafter_for(model):
+    """The shipped :class:`~clp_fast.drafts.eagle_model.EagleDrafter` whose LM-head fingerprint matches ``model``
+    (in the model's dtype and on its device), or None."""
+    from clp_fast.drafts.eagle_model import EagleDrafter
+
+    W = model.get_output_embeddings().weight
+    fp = lm_head_fingerprint(W)
+    for folder in shipped_drafters().values():
+        if json.loads((folder / "config.json").read_text()).get("lm_head_fingerprint") == fp:
+            return EagleDrafter.from_pretrained(folder, model=model, dtype=W.dtype, device=W.device)
+    return None

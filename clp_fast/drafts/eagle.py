@@ -297,8 +297,15 @@ def use_drafter(model, drafter: EagleDrafter | str | os.PathLike | None, depth: 
 
 
 def eagle_factory(bb, heads, calib) -> EagleSource:
-    """The registered ``"eagle"`` source: the drafter given to :func:`use_drafter` for this model."""
+    """The registered ``"eagle"`` source: the drafter given to :func:`use_drafter` for this model, else the shipped
+    drafter that fits it (:func:`clp_fast.assets.shipped_drafter_for`)."""
     if bb.model not in _DRAFTERS:
-        raise ValueError("drafts=['eagle'] needs a drafter for this model: call "
-                         "clp_fast.drafts.eagle.use_drafter(model, drafter_or_folder) first")
+        from clp_fast.assets import shipped_drafter_for, shipped_drafters
+
+        shipped = shipped_drafter_for(bb.model)
+        if shipped is None:
+            raise ValueError("drafts=['eagle'] needs a drafter for this model: none of the shipped ones fits it "
+                             f"({', '.join(shipped_drafters()) or 'none shipped'}); call "
+                             "clp_fast.drafts.eagle.use_drafter(model, drafter_or_folder) first")
+        use_drafter(bb.model, shipped)
     return EagleSource(bb, *_DRAFTERS[bb.model])
