@@ -378,3 +378,22 @@ def test_drafts_eagle_takes_the_shipped_drafter_that_fits(tmp_path, monkeypatch)
     assert_equal_ids(got, want)
     assert st.drafted > 0
     eagle.use_drafter(model, None)
+
+
+def test_cli_data_only_builds_the_cache_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    """``clp-fast train --drafter eagle --data-only``: the shards are written, no drafter and no checkpoint."""
+    from clp_fast.cli import build_parser
+    from clp_fast.eval.data import stdlib_dir
+    from clp_fast.models import hub
+
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    monkeypatch.setattr(hub, "load_model", lambda name, dtype=None: (model, ByteTokenizer()))
+    args = build_parser().parse_args(
+        ["train", "--drafter", "eagle", "--model", "tiny", "--out", str(tmp_path / "out"), "--cache-dir",
+         str(tmp_path / "cache"), "--data-only", "--no-stdlib", "--corpus", str(stdlib_dir() / "json"),
+         "--max-tokens", "800", "--window", "48", "--gen-prompts", "0", "--heldout-prompts", "0", "--dtype", "fp32"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["tf"]["tokens_this_run"] > 0
+    assert list((tmp_path / "cache" / "tf").glob("shard-*.safetensors"))
+    assert not (tmp_path / "cache" / train_eagle_mod.CKPT_NAME).exists()
+    assert not (tmp_path / "out" / "drafter.safetensors").exists()

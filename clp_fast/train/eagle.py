@@ -423,6 +423,13 @@ def run_train_eagle(args) -> int:
                  "top_k", "max_ram_gb", "seed", "gen_batch", "prefill_batch", "dtype")
     data = {k: getattr(args, k) for k in data_keys if k in _FIELDS}
     data.update(tokenizer=tokenizer, corpus=args.corpus, stdlib=not args.no_stdlib, backbone=args.model)
+    if args.data_only:  # the data cache only (what a drafter run would build first), then stop
+        from clp_fast.train.api import _default_cache, train_heads
+
+        cache = Path(args.cache_dir) if args.cache_dir else _default_cache(Path(args.out))
+        print(json.dumps(train_heads(model, cache / "data-run", cache_dir=cache, data_only=True, resume=True,
+                                     grow_data=True, **{"epochs": 1, **data}), indent=1))
+        return 0
     train_eagle(model, args.out, cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite,
                 backbone=args.model, data=data, command="clp-fast " + shlex.join(sys.argv[1:]),
                 depth=args.eagle_depth, batch_windows=args.eagle_batch_windows, lr=args.eagle_lr,
