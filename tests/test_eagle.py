@@ -398,17 +398,3 @@ def test_cli_data_only_builds_the_cache_and_trains_nothing(tmp_path, monkeypatch
     assert not (tmp_path / "cache" / train_eagle_mod.CKPT_NAME).exists()
     assert not (tmp_path / "out" / "drafter.safetensors").exists()
 
-
-def test_every_shipped_drafter_loads_with_its_card_and_calibration():
-    """The shipped drafter files are whole (the loader checks the weights' sha256 against the config) and each
-    carries its training card and its calibration table (its priors in the decode loop)."""
-    from clp_fast.assets import shipped_drafters
-
-    shipped = shipped_drafters()
-    assert "qwen2.5-coder-0.5b-instruct" in shipped
-    for name, folder in shipped.items():
-        d = EagleDrafter.from_pretrained(folder)
-        assert d.fingerprint and d.draft_vocab <= d.vocab_size, name
-        cal = d.extra["calibration"]
-        assert len(cal["rates"]) >= 1 and all(len(r) == len(cal["edges"]) - 1 for r in cal["rates"]), name
-        assert (folder / "training_card.md").is_file() and (folder / "training_card.json").is_file(), name

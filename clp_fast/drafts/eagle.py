@@ -91,8 +91,10 @@ class EagleSource(DraftSource):
         if not 0.0 <= stop_below < 1.0:
             raise ValueError(f"stop_below={stop_below!r} must be in [0, 1)")
         self.top_m, self.stop_below = top_m, float(stop_below)
-        cal = drafter.extra.get("calibration")
-        self.calib = TreeCalibration.from_dict(cal) if cal else None  # measured at training (train.eagle)
+        cal = drafter.extra.get("calibration")  # measured at training (train.eagle), checked as the heads' tables
+        cal = TreeCalibration.from_dict(cal) if cal else None
+        # per depth: rates [bins] and inner bin edges, as tensors once (prior() runs at every depth of every step)
+        self.calib = None if cal is None else ([torch.tensor(r) for r in cal.rates], torch.tensor(cal.edges[1:-1]))
         drafter.check_compatible(bb.model)
         dev = next(drafter.parameters()).device
         if dev != bb.device:
@@ -211,9 +213,9 @@ class EagleSource(DraftSource):
         """Priors of depth-``depth`` guesses of drafter probability ``p [...]``: the calibration's, else ``p``."""
         if self.calib is None:
             return p
-        table = torch.tensor(self.calib.rates[min(depth, len(self.calib.rates)) - 1], device=p.device)
-        edges = torch.tensor(self.calib.edges[1:-1], device=p.device)
-        return table[torch.bucketize(p.float(), edges, right=True)]
+        rates, edges = self.calib
+        table = rates[min(depth, len(rates)) - 1]
+        return table[torch.bucketize(p.float().cpu(), edges, right=True)].to(p.device)
 
     @torch.inference_mode()
     def tree(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

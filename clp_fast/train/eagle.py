@@ -320,7 +320,7 @@ def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: 
 def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                 resume: bool = False, overwrite: bool = False, progress: bool = True, backbone: str | None = None,
                 command: str | None = None, data: dict | None = None, save_dtype: torch.dtype = torch.bfloat16,
-                **options) -> EagleDrafter:
+                data_only: bool = False, **options) -> EagleDrafter | dict:
     """Build (or reuse) the data cache, train a drafter, evaluate it on held-out windows, save it with a card.
 
     Args:
@@ -331,10 +331,11 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
             the data options are reused.
         data: data options for :func:`clp_fast.train.api.train_heads` (``max_tokens``, ``heldout_tokens``,
             ``window``, ``gen_prompts``, ``corpus``, ``stdlib``, ``tokenizer`` ...).
+        data_only: stop after the data cache (``--data-only``) and return its per-kind stats.
         **options: :class:`EagleTrainConfig` fields.
 
     Returns:
-        The trained drafter, as saved then loaded (fp32).
+        The trained drafter, as saved then loaded (fp32); with ``data_only``, the data stats.
     """
     from clp_fast.train.api import _default_cache, train_heads
 
@@ -362,6 +363,8 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
     data_stats = train_heads(model, cache / "data-run", cache_dir=cache, data_only=True, resume=True,
                              grow_data=True, progress=progress, **data)
     data_seconds = time.perf_counter() - t
+    if data_only:  # the cache a drafter run builds first, then stop: its per-kind stats
+        return data_stats
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -423,16 +426,12 @@ def run_train_eagle(args) -> int:
                  "top_k", "max_ram_gb", "seed", "gen_batch", "prefill_batch", "dtype")
     data = {k: getattr(args, k) for k in data_keys if k in _FIELDS}
     data.update(tokenizer=tokenizer, corpus=args.corpus, stdlib=not args.no_stdlib, backbone=args.model)
-    if args.data_only:  # the data cache only (what a drafter run would build first), then stop
-        from clp_fast.train.api import _default_cache, train_heads
-
-        cache = Path(args.cache_dir) if args.cache_dir else _default_cache(Path(args.out))
-        print(json.dumps(train_heads(model, cache / "data-run", cache_dir=cache, data_only=True, resume=True,
-                                     grow_data=True, **{"epochs": 1, **data}), indent=1))
-        return 0
-    train_eagle(model, args.out, cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite,
+    got = train_eagle(model, args.out, cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite,
                 backbone=args.model, data=data, command="clp-fast " + shlex.join(sys.argv[1:]),
                 depth=args.eagle_depth, batch_windows=args.eagle_batch_windows, lr=args.eagle_lr,
                 reg_weight=args.eagle_reg_weight, max_steps=args.eagle_max_steps, epochs=args.epochs,
-                draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every, seed=args.seed)
+                draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                data_only=args.data_only)
+    if args.data_only:
+        print(json.dumps(got, indent=1))
     return 0
