@@ -26,9 +26,9 @@ def default_heads_for(model):
         ValueError: no shipped head set fits this backbone (the message lists the shipped ones).
     """
     fp = lm_head_fingerprint(model.get_output_embeddings().weight)
-    for folder in shipped_heads().values():
-        if json.loads((folder / "config.json").read_text()).get("lm_head_fingerprint") == fp:
-            return MTPHeads.from_pretrained(folder, model=model, device=model.get_output_embeddings().weight.device)
+    folder = _fitting(shipped_heads(), fp)
+    if folder is not None:
+        return MTPHeads.from_pretrained(folder, model=model, device=model.get_output_embeddings().weight.device)
     raise ValueError(
         f"no shipped MTP heads fit this backbone (LM-head fingerprint {fp}); shipped: "
         f"{', '.join(shipped_heads()) or 'none'}. Pass heads=..., or train some with `clp-fast train`."
@@ -48,8 +48,14 @@ def shipped_drafter_for(model):
     from clp_fast.drafts.eagle_model import EagleDrafter
 
     W = model.get_output_embeddings().weight
-    fp = lm_head_fingerprint(W)
-    for folder in shipped_drafters().values():
-        if json.loads((folder / "config.json").read_text()).get("lm_head_fingerprint") == fp:
-            return EagleDrafter.from_pretrained(folder, model=model, dtype=W.dtype, device=W.device)
+    folder = _fitting(shipped_drafters(), lm_head_fingerprint(W))
+    return None if folder is None else EagleDrafter.from_pretrained(folder, model=model, dtype=W.dtype,
+                                                                    device=W.device)
+
+
+def _fitting(folders: dict[str, Path], fingerprint: str) -> Path | None:
+    """The first of ``folders`` whose config names this LM-head fingerprint, or None."""
+    for folder in folders.values():
+        if json.loads((folder / "config.json").read_text()).get("lm_head_fingerprint") == fingerprint:
+            return folder
     return None

@@ -94,7 +94,8 @@ class EagleSource(DraftSource):
         cal = drafter.extra.get("calibration")  # measured at training (train.eagle), checked as the heads' tables
         cal = TreeCalibration.from_dict(cal) if cal else None
         # per depth: rates [bins] and inner bin edges, as tensors once (prior() runs at every depth of every step)
-        self.calib = None if cal is None else ([torch.tensor(r) for r in cal.rates], torch.tensor(cal.edges[1:-1]))
+        self.calib = None if cal is None else ([torch.tensor(r, device=bb.device) for r in cal.rates],
+                                               torch.tensor(cal.edges[1:-1], device=bb.device))
         drafter.check_compatible(bb.model)
         dev = next(drafter.parameters()).device
         if dev != bb.device:
@@ -192,14 +193,14 @@ class EagleSource(DraftSource):
         S = int(lengths.max())
         K, V = self.k[rows, :, :S], self.v[rows, :, :S]
         R = rows.shape[0]
-        toks, probs, chain = [], [], torch.ones(R)
+        toks, probs, chain = [], [], torch.ones(R, device=f.device)
         for d in range(self.max_depth):
             logits = packed.linear(f.to(self.bb.dtype), self.W).float()  # [R, Vd]
             tok = logits.argmax(-1)  # lowest index on ties, as torch.argmax
             toks.append(tok)
             probs.append(self.prior(d + 1, torch.softmax(logits, -1).gather(1, tok[:, None])[:, 0]))
-            chain = chain * probs[-1].cpu()
-            if d == self.max_depth - 1 or bool((chain < self.stop_below).all()):
+            chain = chain * probs[-1]
+            if d == self.max_depth - 1 or (self.stop_below > 0 and bool((chain < self.stop_below).all())):
                 break
             # the pair (f, tok) at position lengths + d: sees the committed pairs and this chain's earlier ones
             mask = torch.cat([torch.arange(S, device=f.device)[None] < lengths[:, None],
@@ -215,7 +216,7 @@ class EagleSource(DraftSource):
             return p
         rates, edges = self.calib
         table = rates[min(depth, len(rates)) - 1]
-        return table[torch.bucketize(p.float().cpu(), edges, right=True)].to(p.device)
+        return table[torch.bucketize(p.float(), edges, right=True)]
 
     @torch.inference_mode()
     def tree(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
