@@ -104,28 +104,48 @@ class CompletionCache:
 
 
 # ---------------------------------------------------------------------------------------- methods
-def quality_methods(heads, thresholds: list[str], gate_thresholds: list[str], lossless: bool = False) -> list[dict]:
-    """``[{"name", "mode", "policy", "threshold"}]``: greedy, clp at each threshold, gate at each threshold, and
-    with ``lossless`` the lossless mode as a control: identical to greedy in exact arithmetic, so its paired
-    loss against greedy is what the dtype's rounding alone flips (no threshold is chosen from it)."""
+def quality_methods(heads, thresholds: list[str], gate_thresholds: list[str], lossless: bool = False,
+                    drafter=None, drafter_thresholds: list[str] = ()) -> list[dict]:
+    """``[{"name", "mode", "policy", "threshold"}]``: greedy, clp at each threshold, gate at each threshold, with
+    ``drafter`` (an :class:`~clp_fast.drafts.eagle.EagleDrafter` with a CLP) clp mode from its chain at each of
+    ``drafter_thresholds`` (policy ``"drafter"``), and with ``lossless`` the lossless mode as a control:
+    identical to greedy in exact arithmetic, so its paired loss against greedy is what the dtype's rounding alone
+    flips (no threshold is chosen from it)."""
+    saved = dict(heads.thresholds, drafter=drafter.clp_threshold if drafter is not None else None)
+
     def resolve(t: str, policy: str) -> float:
-        value = heads.thresholds.get(policy, 0.9) if t == "shipped" else float(t)
+        value = (0.9 if saved.get(policy) is None else saved[policy]) if t == "shipped" else float(t)
         if not 0.0 <= value <= 1.0:
             raise SystemExit(f"quality: threshold {t!r} must be 'shipped' or in [0, 1]")
         return value
 
     out = [{"name": "greedy", "mode": "greedy", "policy": "clp", "threshold": None}]
-    for policy, ts in (("clp", thresholds), ("gate", gate_thresholds if heads.gate is not None else [])):
+    for policy, ts in (("clp", thresholds), ("gate", gate_thresholds if heads.gate is not None else []),
+                       ("drafter", drafter_thresholds if drafter is not None else [])):
         for value in sorted({resolve(t, policy) for t in ts}, reverse=True):
             out.append({"name": f"{policy}@{value:.4g}", "mode": "clp", "policy": policy, "threshold": value,
-                        "shipped": value == heads.thresholds.get(policy)})
+                        "shipped": value == saved.get(policy)})
     if lossless:
         out.append({"name": "lossless", "mode": "lossless", "policy": None, "threshold": None})
     return out
 
 
-def method_key(method: dict, run_id: str) -> str:
-    return f"{run_id}/{method['name']}"
+def method_key(method: dict, run_id: str, drafter_id: str = "") -> str:
+    """A completion's cache key: the run's, the method's and, for the drafter's rows, its weights' (CLP included)."""
+    return f"{run_id}/{method['name']}" + (f"/{drafter_id}" if method["policy"] == "drafter" else "")
+
+
+def decode(model, heads, drafter, method: dict, ids, n: int, eos, pad, mask=None):
+    """One ``clp_fast.generate`` call of ``method``: greedy, clp / gate with the heads, the drafter's clp mode."""
+    if method["policy"] == "drafter":
+        from clp_fast.drafts.eagle import EagleSource
+
+        h, extra = False, {"drafts": [EagleSource.factory(drafter)], "policy": "clp"}
+    else:
+        h, extra = (None if method["mode"] == "greedy" else heads), {"policy": method["policy"] or "clp"}
+    return clp_fast.generate(model, ids, h, attention_mask=mask, max_new_tokens=n, mode=method["mode"],
+                             clp_threshold=method["threshold"], eos_token_id=eos, pad_token_id=pad,
+                             return_stats=True, **extra)
 
 
 def _run_id(args, heads) -> str:
@@ -147,7 +167,8 @@ def _run_id(args, heads) -> str:
 
 
 # ------------------------------------------------------------------------------------- generation
-def _generate_batch(model, tok, heads, method: dict, prompts: list[list[int]], args, eos, pad) -> list[dict]:
+def _generate_batch(model, tok, heads, method: dict, prompts: list[list[int]], args, eos, pad,
+                    drafter=None) -> list[dict]:
     """Complete each prompt (ids) until a stop string, EOS or the budget, in chunks; one dict per prompt."""
     gens = [[] for _ in prompts]
     forwards = [0] * len(prompts)
@@ -156,10 +177,7 @@ def _generate_batch(model, tok, heads, method: dict, prompts: list[list[int]], a
     while active:
         n = min(args.chunk_tokens, args.max_new_tokens - len(gens[active[0]]))
         ids, mask = clp_fast.left_pad([prompts[j] + gens[j] for j in active], pad)
-        out, st = clp_fast.generate(model, ids, None if method["mode"] == "greedy" else heads, attention_mask=mask,
-                                    max_new_tokens=n, mode=method["mode"], policy=method["policy"] or "clp",
-                                    clp_threshold=method["threshold"], eos_token_id=eos, pad_token_id=pad,
-                                    return_stats=True)
+        out, st = decode(model, heads, drafter, method, ids, n, eos, pad, mask)
         still = []
         for r, j in enumerate(active):
             new = metrics.generated_ids(out[r].tolist(), ids.shape[1], eos, n_new=st.new_tokens[r])
@@ -181,17 +199,18 @@ def _generate_batch(model, tok, heads, method: dict, prompts: list[list[int]], a
 
 
 def generate_all(model, tok, heads, methods: list[dict], problems: list[dict], args, eos, pad, cache, run_id,
-                 log) -> dict[str, dict[str, dict]]:
+                 log, drafter=None, drafter_id: str = "") -> dict[str, dict[str, dict]]:
     """``{method name: {task_id: completion record}}``, from the cache where it has them."""
     order = sorted(problems, key=lambda p: len(p["ids"]))  # similar lengths batch together: less padding
     out = {}
     for mi, m in enumerate(methods):
-        key = method_key(m, run_id)
+        key = method_key(m, run_id, drafter_id)
         todo = [p for p in order if cache.get(key, p["task_id"]) is None]
         log(f"[{mi + 1}/{len(methods)}] {m['name']}: {len(problems) - len(todo)} cached, {len(todo)} to generate")
         for b in range(0, len(todo), args.batch_size):
             batch = todo[b: b + args.batch_size]
-            for p, rec in zip(batch, _generate_batch(model, tok, heads, m, [p["ids"] for p in batch], args, eos, pad)):
+            recs = _generate_batch(model, tok, heads, m, [p["ids"] for p in batch], args, eos, pad, drafter)
+            for p, rec in zip(batch, recs):
                 cache.put({"key": key, "task_id": p["task_id"], "method": m["name"], **rec})
             done = b + len(batch)
             log(f"  {m['name']}: {done}/{len(todo)} generated (load avg {loadavg()[0]:.1f})")
@@ -220,7 +239,7 @@ def execute_all(problems: list[dict], completions: dict[str, dict[str, dict]], l
 
 
 # ------------------------------------------------------------------------------------------ speed
-def measure_speed(model, heads, methods: list[dict], problems: list[dict], args, eos, pad, log) -> dict:
+def measure_speed(model, heads, methods: list[dict], problems: list[dict], args, eos, pad, log, drafter=None) -> dict:
     """Single-stream tokens/s of every method and transformers greedy on the same prompts, interleaved."""
     from transformers import GenerationConfig
 
@@ -234,9 +253,7 @@ def measure_speed(model, heads, methods: list[dict], problems: list[dict], args,
 
     def ours(m):
         def run(ids, n):
-            out, st = clp_fast.generate(model, ids, None if m["mode"] == "greedy" else heads, max_new_tokens=n,
-                                        mode=m["mode"], policy=m["policy"] or "clp", clp_threshold=m["threshold"],
-                                        eos_token_id=eos, pad_token_id=pad, return_stats=True)
+            out, st = decode(model, heads, drafter, m, ids, n, eos, pad)
             return out, st.forward_passes
         return run
 
@@ -279,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the problem subset")
     p.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help=f"CLP thresholds (default {DEFAULT_THRESHOLDS})")
     p.add_argument("--gate-thresholds", default="shipped", help="gate thresholds ('' for none; default shipped)")
+    p.add_argument("--drafter", metavar="DIR", help="an EAGLE-style drafter with a CLP: adds its clp-mode rows")
+    p.add_argument("--drafter-thresholds", default="shipped",
+                   help="the drafter CLP's thresholds (default: the one training saved)")
     p.add_argument("--lossless", action="store_true",
                    help="also run lossless mode, a control: its paired loss is what rounding alone flips")
     p.add_argument("--max-new-tokens", type=int, default=384, help="budget per completion (default 384)")
@@ -298,6 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def load_drafter(folder: str | None, model):
+    """``(drafter, its weights' sha256 prefix)`` from ``--drafter`` (``(None, "")`` without one); it needs a CLP."""
+    if not folder:
+        return None, ""
+    from clp_fast.drafts.eagle import EagleDrafter
+
+    W = model.get_output_embeddings().weight
+    d = EagleDrafter.from_pretrained(folder, model=model, dtype=W.dtype)
+    if d.clp is None:
+        raise SystemExit(f"quality: the drafter in {folder} has no CLP (train it with clp-fast train --drafter eagle)")
+    return d, json.loads((Path(folder) / "config.json").read_text())["weights_sha256"][:12]
 
 
 def _check_args(args) -> None:
@@ -336,18 +369,21 @@ def main(argv: list[str] | None = None) -> int:
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     for p in problems:
         p["ids"] = tok(p["prompt"])["input_ids"]
+    drafter, drafter_id = load_drafter(args.drafter, model)
     methods = quality_methods(heads, [t for t in args.thresholds.split(",") if t.strip()],
-                              [t for t in args.gate_thresholds.split(",") if t.strip()], args.lossless)
+                              [t for t in args.gate_thresholds.split(",") if t.strip()], args.lossless, drafter,
+                              [t for t in args.drafter_thresholds.split(",") if t.strip()])
     run_id = _run_id(args, heads)
     cache_path = Path(args.cache) if args.cache else clp_home() / "quality-cache" / (
         f"{Path(args.model).name}-{args.dtype}-{run_id}.jsonl")
     log(f"{args.model} {args.dtype}, {len(problems)} problems, methods {[m['name'] for m in methods]}, "
         f"cache {cache_path}")
     cache = CompletionCache(cache_path)
-    completions = generate_all(model, tok, heads, methods, problems, args, eos, pad, cache, run_id, log)
+    completions = generate_all(model, tok, heads, methods, problems, args, eos, pad, cache, run_id, log, drafter,
+                               drafter_id)
     log("executing completions in the sandbox")
     executed = execute_all(problems, completions, limits, args.workers)
-    speed = (measure_speed(model, heads, methods, problems[: args.speed_problems], args, eos, pad, log)
+    speed = (measure_speed(model, heads, methods, problems[: args.speed_problems], args, eos, pad, log, drafter)
              if args.speed_problems else None)
     rows = summarize_quality(methods, problems, completions, executed, speed, tok)
     choice = choose_threshold(rows, len(problems), full=len(problems) == 164)

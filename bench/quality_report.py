@@ -61,7 +61,7 @@ def choose_threshold(rows: list[dict], n_problems: int, full: bool) -> dict:
     Ties in τ go to the higher (safer) threshold. Provisional unless all 164 problems were run.
     """
     out = {"rule": RULE, "problems": n_problems, "provisional": not full}
-    for policy in ("clp", "gate"):
+    for policy in ("clp", "gate", "drafter"):
         ok = [r for r in rows if r["policy"] == policy and r["greedy_pass_this_fail"] <= 1]
         best = max(ok, key=lambda r: (r["tau"], r["threshold"]), default=None)
         out[policy] = None if best is None else {k: best[k] for k in (
@@ -90,10 +90,12 @@ def format_quality_table(rows: list[dict], choice: dict, executed: dict, speed: 
     canon = executed.get("canonical", {})
     lines += ["", f"Harness check: {sum(v['passed'] for v in canon.values())}/{len(canon)} canonical solutions pass "
               "in the sandbox."]
-    for policy in ("clp", "gate"):
+    for policy in ("clp", "gate", "drafter"):
         c = choice.get(policy)
         tag = " (provisional: fewer than 164 problems)" if choice["provisional"] else ""
         ran = any(r["policy"] == policy for r in rows)
+        if policy == "drafter" and not ran:
+            continue
         lines.append(f"Chosen {policy} threshold{tag}: " + (
             "not run." if not ran else "none keeps the paired loss at <= 1 problem." if c is None else
             f"**{c['threshold']:.4g}** (τ {c['tau']:.3f}, speedup {_f(c['speedup_median'], '.2f')}×, pass@1 "

@@ -215,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(k=2, no lookup), 'drafter alone' (no heads, no lookup) and 'lossless + drafter' (k=2)")
     p.add_argument("--drafter-depth", type=int, default=3, help="the drafter's guesses per step (default 3)")
     p.add_argument("--drafter-top-m", type=int, default=1, help="1: chains; > 1: EAGLE-2 trees of that many paths")
-    p.add_argument("--drafter-stop-below", type=float, default=0.0,
-                   help="a chain stops once every row's product of priors is below this (default 0: full depth)")
+    p.add_argument("--drafter-stop-below", type=float, default=0.2,
+                   help="a chain stops once every row's product of priors is below this (default 0.2, as "
+                        "use_drafter; 0: full depth)")
     p.add_argument("--methods", help="comma-separated substrings: time only the rows whose label holds one "
                                      "(hf-greedy always)")
     p.add_argument("--write-prompts", metavar="FILE",

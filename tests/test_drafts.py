@@ -95,7 +95,12 @@ def test_factories_and_bad_sources_are_named(oracle):
     with pytest.raises(TypeError, match="returned int, not a DraftSource"):
         clp_fast.generate(model, ids, heads, mode="lossless", drafts=[lambda bb, h, c: 3], **kw)
     with pytest.raises(ValueError, match="need mode='lossless'"):
+        clp_fast.generate(model, ids, heads, mode="greedy", drafts=["oracle"], **kw)
+    with pytest.raises(ValueError, match="pass heads=False"):  # clp mode keeps one source's chain unverified
         clp_fast.generate(model, ids, heads, mode="clp", drafts=["oracle"], **kw)
+    with pytest.raises(ValueError, match="ContinuationSource cannot decide which of its guesses"):
+        clp_fast.generate(model, ids, False, mode="clp", prompt_lookup=0,
+                          drafts=[lambda bb, h, c: ContinuationSource(seqs, 2)], **kw)
 
 
 def test_processed_decoding_takes_the_same_sources(oracle):

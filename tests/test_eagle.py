@@ -269,13 +269,15 @@ DATA = dict(max_tokens=1600, heldout_tokens=300, window=48, skip_first=4, gen_pr
             stdlib=False, exclude=[])
 
 
-def _train(model, tmp, name, **kw):
+def _train(model, tmp, name, cache_dir_name=None, **kw):
     from clp_fast.eval.data import stdlib_dir
 
     data = {**DATA, "tokenizer": ByteTokenizer(), "corpus": [str(stdlib_dir() / "json")]}
-    opts = dict(depth=3, batch_windows=4, lr=3e-3, warmup_steps=2, checkpoint_every=5, negatives=64, max_steps=12)
-    return train_eagle_mod.train_eagle(model, tmp / name, cache_dir=tmp / f"{name}-cache", data=data,
-                                       progress=False, save_dtype=torch.float32, **{**opts, **kw})
+    opts = dict(depth=3, batch_windows=4, lr=3e-3, warmup_steps=2, checkpoint_every=5, negatives=64, max_steps=12,
+                save_dtype=torch.float32)
+    cache = tmp / (cache_dir_name or f"{name}-cache")
+    return train_eagle_mod.train_eagle(model, tmp / name, cache_dir=cache, data=data, progress=False,
+                                       **{**opts, **kw})
 
 
 def test_training_resumes_to_the_same_weights_after_a_kill(tmp_path, monkeypatch):
@@ -305,6 +307,30 @@ def test_training_resumes_to_the_same_weights_after_a_kill(tmp_path, monkeypatch
     got = _train(model, tmp_path, "out", resume=True)
     for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_training_on_from_a_saved_drafter_starts_at_its_weights(tmp_path):
+    """``init=DIR``: training starts from that drafter (its held-out numbers are the card's "at init", and with a
+    vanishing learning rate the result stays at its weights, unlike a fresh start); a draft vocabulary that differs
+    from the saved one's and a missing folder are named."""
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    ref = _train(model, tmp_path, "ref")
+    ref_card = json.loads((tmp_path / "ref" / "training_card.json").read_text())
+    got = _train(model, tmp_path, "on", init=str(tmp_path / "ref"), lr=1e-12, max_steps=2,
+                 cache_dir_name="ref-cache")
+    card = json.loads((tmp_path / "on" / "training_card.json").read_text())
+    assert card["heldout_at_init"]["acc"] == ref_card["heldout"]["acc"]  # the same weights on the same positions
+    assert got.extra["training"]["init"] == str(tmp_path / "ref")
+    fresh = _train(model, tmp_path, "fresh", lr=1e-12, max_steps=2, cache_dir_name="ref-cache")
+    for (n, a), (_, b), (_, c) in zip(ref.state_dict().items(), got.state_dict().items(),
+                                      fresh.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=n)
+    assert any(not torch.allclose(a, c, atol=1e-3) for a, c in zip(ref.state_dict().values(),
+                                                                     fresh.state_dict().values()))
+    with pytest.raises(ValueError, match="draft_vocab=64 differs"):
+        _train(model, tmp_path, "bad", init=str(tmp_path / "ref"), draft_vocab=64, cache_dir_name="ref-cache")
+    with pytest.raises(FileNotFoundError, match="init='/nowhere'"):
+        _train(model, tmp_path, "bad2", init="/nowhere")
 
 
 def test_calibration_table_is_hits_over_seen_with_pseudo_counts():

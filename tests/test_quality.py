@@ -128,6 +128,29 @@ def test_lossless_control_is_listed_last_and_only_when_asked():
     assert with_control[-1]["mode"] == "lossless" and with_control[-1]["policy"] is None
 
 
+def test_drafter_rows_are_their_own_policy_keyed_by_the_drafters_weights():
+    """``--drafter``: clp-mode rows of the drafter's CLP at each threshold ("shipped" = the one training saved),
+    cached under its weights' digest, and a threshold chosen among them alone."""
+    class Heads:
+        thresholds, gate = {"clp": 0.96}, None
+
+    class Drafter:
+        clp_threshold = 0.93
+
+    methods = quality.quality_methods(Heads, ["shipped"], [], drafter=Drafter, drafter_thresholds=["shipped", "0.5"])
+    assert [m["name"] for m in methods] == ["greedy", "clp@0.96", "drafter@0.93", "drafter@0.5"]
+    d = methods[2]
+    assert d["policy"] == "drafter" and d["mode"] == "clp" and d["shipped"] and not methods[3]["shipped"]
+    assert quality.method_key(d, "run", "abc") == "run/drafter@0.93/abc"
+    assert quality.method_key(methods[1], "run", "abc") == "run/clp@0.96"  # the heads' rows do not depend on it
+    rows = [{"method": m["name"], "policy": m["policy"] if m["mode"] == "clp" else None, "threshold": m["threshold"],
+             "tau": tau, "greedy_pass_this_fail": lost, "pass_at_1": 0.5, "this_pass_greedy_fail": 0,
+             "mcnemar_p": 1.0, "speedup_median": None}
+            for m, tau, lost in zip(methods, [1.0, 1.5, 1.4, 1.9], [0, 0, 1, 3])]
+    choice = quality_report.choose_threshold(rows, 40, full=False)
+    assert choice["drafter"]["method"] == "drafter@0.93" and choice["clp"]["method"] == "clp@0.96"
+
+
 def test_write_threshold_updates_config_and_card(tmp_path):
     from clp_fast.heads import MTPHeads
     from tests.conftest import tiny_model

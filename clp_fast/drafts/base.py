@@ -91,6 +91,13 @@ class DraftSource:
     def advance(self, acc: Accepted) -> None:
         """Learn the step's outcome (after the prefill too). Default: nothing."""
 
+    def unverified(self, threshold: float | None) -> None:
+        """``mode="clp"``: from now on propose one chain of only the guesses to keep without verification, as the
+        source's own accept-length predictor decides at ``threshold`` (None: its own default). Default: raise
+        ``ValueError`` -- a source without such a predictor can only be verified."""
+        raise ValueError(f"{type(self).__name__} cannot decide which of its guesses to keep unverified "
+                         f"(mode='clp'); use mode='lossless'")
+
     def report(self) -> dict:
         """What this source did in the decode call, for :attr:`clp_fast.engine.loop.DecodeStats.sources` (beside
         the loop's own count of the steps it was asked for guesses and its time). Default: nothing."""

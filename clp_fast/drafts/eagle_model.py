@@ -84,6 +84,10 @@ class EagleDrafter(nn.Module):
         draft_vocab: the drafter guesses among the LM head's first ``draft_vocab`` rows (None: all ``V``).
         backbone, fingerprint: recorded; loading onto a backbone with another LM-head fingerprint raises.
         extra: free-form metadata saved in the config (training command, figures).
+
+    ``clp`` (None until :meth:`attach_clp`): the drafter's collocation-length predictor for ``mode="clp"``, a
+    :class:`clp_fast.heads.CLP` over ``[h_t, conf_1..conf_k]`` (the backbone's hidden state at the accepted node
+    and the chain's per-depth probabilities) at ``clp_threshold``; kept in fp32 whatever the drafter's dtype.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, kv_heads: int, head_dim: int,
@@ -112,6 +116,17 @@ class EagleDrafter(nn.Module):
                             attention_bias)
         self.register_buffer("inv_freq", 1.0 / self.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim),
                              persistent=False)
+        self.clp, self.clp_threshold = None, None
+
+    def attach_clp(self, depth: int, threshold: float = 0.9):
+        """A CLP (zero-initialised, fp32) deciding how many of a ``depth``-deep chain to take unverified."""
+        from clp_fast.heads import CLP
+
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold={threshold!r} must be a probability in [0, 1]")
+        self.clp = CLP(self.hidden_size, depth).to(self.fc.weight.device)
+        self.clp_threshold = float(threshold)
+        return self.clp
 
     @classmethod
     def for_model(cls, model, *, draft_vocab: int | None = None, backbone: str = "", init: str = "identity",
@@ -228,12 +243,13 @@ class EagleDrafter(nn.Module):
                 "rope_theta": self.rope_theta, "attention_bias": self.attention_bias,
                 "draft_vocab": self.draft_vocab, "backbone": self.backbone, "lm_head_fingerprint": self.fingerprint,
                 "parameters": sum(p.numel() for p in self.parameters()),
+                **({"clp": {"depth": self.clp.k, "threshold": self.clp_threshold}} if self.clp is not None else {}),
                 **({"extra": self.extra} if self.extra else {})}
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write ``drafter.safetensors`` + ``config.json`` to ``directory`` atomically (temp dir, then renames:
         weights first, config last, the config naming the weights' sha256)."""
-        tensors = {n: (t.detach().to(dtype) if dtype else t.detach()).contiguous().cpu()
+        tensors = {n: (t.detach().to(dtype) if dtype and not n.startswith("clp.") else t.detach()).contiguous().cpu()
                    for n, t in self.state_dict().items()}
         return save_weights(directory, tensors, self.config_dict(), WEIGHTS_NAME, CONFIG_NAME)
 
@@ -263,6 +279,8 @@ class EagleDrafter(nn.Module):
                     cfg["intermediate_size"], cfg["rms_norm_eps"], cfg["rope_theta"], cfg["attention_bias"],
                     draft_vocab=cfg.get("draft_vocab"), backbone=cfg.get("backbone", ""),
                     fingerprint=cfg.get("lm_head_fingerprint", ""), extra=cfg.get("extra"))
+            if "clp" in cfg:
+                d.attach_clp(cfg["clp"]["depth"], cfg["clp"]["threshold"])
         except KeyError as e:
             raise ValueError(f"{cfg_path} lacks the field {e.args[0]!r}") from e
         except (TypeError, ValueError) as e:
@@ -281,7 +299,9 @@ class EagleDrafter(nn.Module):
             d.load_state_dict({n: t.float() for n, t in state.items()}, strict=True)
         except RuntimeError as e:
             raise ValueError(f"{w_path} does not match {cfg_path}: {e}") from e
+        clp, d.clp = d.clp, None  # the CLP stays fp32 whatever the drafter's dtype
         d = d.to(device=device, dtype=dtype).eval()
+        d.clp = None if clp is None else clp.to(device).eval()
         if model is not None:
             try:
                 d.check_compatible(model)

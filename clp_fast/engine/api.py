@@ -136,7 +136,7 @@ def generate(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
     bb = NativeBackbone(model)
-    heads = _resolve_heads(model, heads, mode)
+    heads = _resolve_heads(model, heads, mode, drafts)
     threshold = _threshold(heads, mode, policy, clp_threshold)
     if prompt_lookup is None:
         prompt_lookup = max(heads.k, LOOKUP_WIDTH) if (mode == "lossless" and heads is not None) else 0
@@ -212,7 +212,7 @@ def generate_processed(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     bb = NativeBackbone(model)
-    heads = _resolve_heads(model, heads, mode) if mode == "lossless" else None
+    heads = _resolve_heads(model, heads, mode, drafts) if mode == "lossless" else None
     threshold = heads.thresholds.get("lossless", 0.0) if heads is not None else 0.5
     if prompt_lookup is None:
         prompt_lookup = max(heads.k, LOOKUP_WIDTH) if heads is not None else 0
@@ -235,24 +235,28 @@ def generate_processed(
     return (result, stats) if return_stats else result
 
 
-def _resolve_heads(model, heads: MTPHeads | None | bool, mode: str) -> MTPHeads | None:
+def _resolve_heads(model, heads: MTPHeads | None | bool, mode: str, drafts: list | None) -> MTPHeads | None:
     """The heads to decode with: the caller's, else the shipped ones for a known backbone (not in greedy mode);
-    ``False``: none (lossless decoding from prompt lookup and ``drafts=`` alone)."""
+    ``False``: none (lossless decoding from prompt lookup and ``drafts=`` alone; clp mode from one draft source's
+    own CLP)."""
     if heads is False:
-        if mode == "clp":
-            raise ValueError("heads=False: mode='clp' needs MTP heads (its CLP decides what to take)")
+        if mode == "clp" and not drafts:
+            raise ValueError("heads=False: mode='clp' needs MTP heads or a drafts=[...] source with its own CLP "
+                             "(a CLP decides what to take)")
         return None
     if heads is not None and not isinstance(heads, MTPHeads):
         raise TypeError(f"heads must be MTPHeads or None, got {type(heads).__name__}")
     if heads is None and mode != "greedy":
         heads = default_heads_for(model)
+    if heads is None and mode == "clp" and not drafts:
+        raise ValueError(f"mode={mode!r} needs MTP heads (heads=None only works with mode='greedy' or 'lossless')")
     return heads
 
 
 def _threshold(heads: MTPHeads | None, mode: str, policy: str, clp_threshold: float | None) -> float:
     """The policy's acceptance probability: the caller's, else the heads' saved one for the mode."""
-    if clp_threshold is not None:
-        return clp_threshold
+    if clp_threshold is not None or (heads is None and mode == "clp"):
+        return clp_threshold  # clp mode from a draft source: None is the source's own threshold
     if heads is not None and policy == "gate":
         return heads.thresholds.get("gate", 0.9)
     return heads.thresholds.get(mode, 0.9) if heads is not None and mode != "greedy" else 0.5
@@ -272,9 +276,21 @@ def _sources(bb, heads, mode, policy, threshold, calib, top_m, prompt_lookup, ad
     if heads is not None and mode != "greedy":
         sources.append(HeadsSource(bb, heads, mode, policy, threshold, tables, top_m, all_heads=adaptive,
                                    worth=HeadsWorth() if adaptive else None))
+    if drafts and mode == "clp":
+        return _unverified(sources, heads, make_sources(drafts, bb, heads, tables), threshold)
     if drafts and mode != "lossless":
         raise ValueError(f"drafts={drafts!r} need mode='lossless' (their guesses must be verified), got {mode!r}")
     return sources + make_sources(drafts or [], bb, heads, tables)
+
+
+def _unverified(sources: list, heads, drafts: list, threshold: float | None) -> list:
+    """clp mode from ``drafts``: one source and nothing beside it, keeping what its own CLP takes at ``threshold``."""
+    if heads is not None or sources or len(drafts) != 1:
+        raise ValueError(f"mode='clp' with drafts keeps one source's chain unverified: pass heads=False, "
+                         f"prompt_lookup=0 and one drafts=[...] entry (got heads={'yes' if heads else 'no'}, "
+                         f"prompt lookup {'on' if sources else 'off'}, {len(drafts)} draft source(s))")
+    drafts[0].unverified(threshold)
+    return drafts
 
 
 def _plan(model, bb, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, max_cache_bytes, verifier,

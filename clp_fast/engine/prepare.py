@@ -56,8 +56,6 @@ def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, m
             raise ValueError(f"heads are on {heads.weight.device} but the model is on {bb.device}")
         if policy == "gate" and heads.gate is None:
             raise ValueError("policy='gate' needs heads saved with a gate (with_gate=True)")
-    elif mode == "clp":
-        raise ValueError(f"mode={mode!r} needs MTP heads (heads=None only works with mode='greedy' or 'lossless')")
     if max_step_tokens is not None and (isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int)
                                         or max_step_tokens < 0):
         raise ValueError(f"max_step_tokens={max_step_tokens!r} must be a non-negative int or None")
@@ -65,7 +63,7 @@ def _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, m
         raise ValueError(f"prompt_lookup={prompt_lookup!r} must be an int in [0, 32]")
     if prompt_lookup and mode != "lossless":
         raise ValueError(f"prompt_lookup={prompt_lookup} needs mode='lossless' (its guesses must be verified)")
-    if not 0.0 <= float(threshold) <= 1.0:
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"clp_threshold={threshold!r} must be a probability in [0, 1]")
 
 

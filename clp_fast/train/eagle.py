@@ -60,15 +60,21 @@ class EagleTrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     max_steps: int | None = None  # stop early (a CPU-time budget); None: every batch of every epoch
+    init: str | None = None  # a saved drafter to start from (training on, e.g. over a grown cache); None: fresh
+    clp_precision: float = 0.99  # the CLP's saved threshold: the smallest at which every depth reaches this
 
     def validate(self) -> None:
         for name in ("depth", "epochs", "batch_windows", "kl_topk", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive int")
+        if not 0.0 < self.clp_precision < 1.0:
+            raise ValueError(f"clp_precision={self.clp_precision!r} must be in (0, 1)")
         if self.lr <= 0 or self.reg_weight < 0 or self.negatives < 0:
             raise ValueError(f"lr={self.lr!r} must be > 0, reg_weight={self.reg_weight!r} and "
                              f"negatives={self.negatives!r} >= 0")
+        if self.init is not None and not Path(self.init).is_dir():
+            raise FileNotFoundError(f"init={self.init!r}: no such drafter folder")
 
 
 def ttt_mask(T: int, j: int, device) -> torch.Tensor:
@@ -300,6 +306,36 @@ def calibration_table(binned: torch.Tensor) -> dict:
             "counts": binned[1].long().tolist()}
 
 
+def fit_drafter_clp(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, progress: bool = True) -> dict:
+    """Attach a CLP to ``drafter`` and fit it on the held-out shards (teacher-forced windows and greedy
+    continuations; :func:`clp_fast.train.policies.fit_clp`): features the decode step has (the backbone's hidden
+    state at the anchor, the chain's per-depth probabilities), label "depths 1..j all right on the greedy path".
+    Its threshold: the smallest reaching ``cfg.clp_precision`` at every depth on the validation sequences."""
+    from clp_fast.train.policies import fit_clp, heldout_rows
+
+    W = model.get_output_embeddings().weight.detach()
+    embed = model.get_input_embeddings()
+    depth = cfg.depth
+
+    @torch.no_grad()
+    def outputs(data):  # [n, L, depth, H]: position t's depth-j output guesses the token after t + j
+        n, L, H = data["hidden"].shape
+        z = torch.zeros(n, L, depth, H)
+        for w in range(n):
+            Lw = int(data["length"][w])
+            outs = unrolled(drafter, embed, data["hidden"][w : w + 1, :Lw].float(),
+                            data["tokens"][w : w + 1, :Lw].long(), depth)
+            z[w, : Lw - 1] = torch.stack([o[0] for o in outs], 1).float()
+        return z
+
+    kinds = tuple(k for k in ("heldout_tf", "heldout") if shard_paths(cache, k))
+    rows = heldout_rows(outputs, W, cache, depth, drafter.draft_vocab, kinds=kinds, progress=progress,
+                        per_shard=True)
+    report = fit_clp(drafter.attach_clp(depth), rows, cfg.seed, cfg.clp_precision, progress)
+    drafter.clp_threshold = report["clp"]["threshold"]
+    return report
+
+
 def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: str = "heldout_tf",
                    max_windows: int = 64) -> dict:
     """:func:`heldout_accuracy` of the drafter, unrolled ``depth`` times over teacher-forced tokens and fed its own
@@ -368,17 +404,19 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    drafter = EagleDrafter.for_model(model, draft_vocab=cfg.draft_vocab,
-                                     backbone=backbone or str(getattr(model.config, "_name_or_path", ""))).float()
+    drafter = _first_drafter(model, cfg, backbone)
+    before = None if cfg.init is None else evaluate_eagle(drafter, model, cache, cfg.depth)  # the card's "before"
     fit = fit_eagle(drafter, model, cache, cfg, progress)
     ev = evaluate_eagle(drafter, model, cache, cfg.depth)
     log(f"held-out per-depth top-1 {ev.get('acc')} chain {ev.get('chain')} tau {ev.get('tau')}", progress)
+    clp = fit_drafter_clp(drafter, model, cache, cfg, progress)
     card = {"command": command, "config": dataclasses.asdict(cfg), "data": data_stats, "data_seconds": data_seconds,
             "fit": {k: v for k, v in fit.items() if k != "loss_history"}, "loss_history": fit["loss_history"],
-            "heldout": ev, "wall_seconds": time.perf_counter() - t_start}
+            "heldout": ev, "clp": clp, "wall_seconds": time.perf_counter() - t_start}
+    if before is not None:
+        card["heldout_at_init"] = {k: v for k, v in before.items() if k != "calibration"}
     drafter.extra = {"training": {"command": command, "heldout": {k: v for k, v in ev.items() if k != "calibration"},
-                                  "steps": fit["steps"]}}
+                                  "steps": fit["steps"], "init": cfg.init}}
     if "calibration" in ev:  # the drafter's priors in the decode loop (EagleSource)
         drafter.extra["calibration"] = ev["calibration"]
     drafter.save_pretrained(out_dir, dtype=save_dtype)
@@ -387,6 +425,19 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
     if (cache / CKPT_NAME).is_file():
         (cache / CKPT_NAME).unlink()
     return EagleDrafter.from_pretrained(out_dir, model=model)
+
+
+def _first_drafter(model, cfg: EagleTrainConfig, backbone: str | None) -> EagleDrafter:
+    """The weights training starts from (fp32): ``cfg.init``'s saved drafter, else a fresh one (seeded)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init is None:
+        return EagleDrafter.for_model(model, draft_vocab=cfg.draft_vocab,
+                                      backbone=backbone or str(getattr(model.config, "_name_or_path", ""))).float()
+    drafter = EagleDrafter.from_pretrained(cfg.init, model=model)
+    if cfg.draft_vocab is not None and cfg.draft_vocab != drafter.draft_vocab:
+        raise ValueError(f"draft_vocab={cfg.draft_vocab} differs from the draft vocabulary of init={cfg.init!r} "
+                         f"({drafter.draft_vocab})")
+    return drafter.float()
 
 
 def _card_md(card: dict) -> str:
@@ -400,6 +451,19 @@ def _card_md(card: dict) -> str:
                   "| depth | top-1 | chain (all right to here) |", "|---|---:|---:|"]
         lines += [f"| {j} | {a:.3f} | {c:.3f} |" for j, (a, c) in enumerate(zip(ev["acc"], ev["chain"]), start=1)]
         lines += ["", f"Chain tau (1 + sum of chain): {ev['tau']:.3f}", ""]
+    clp = card.get("clp")
+    if clp:
+        c = clp["clp"]
+        lines += [f"CLP (mode='clp'): threshold {c['threshold']:.4f} (every depth's precision >= "
+                  f"{c['target_precision']} on {clp['rows_val']} validation positions); at it, per depth:", "",
+                  "| depth | precision | recall |", "|---|---:|---:|"]
+        lines += [f"| {r['depth']} | {r['precision'] if r['precision'] is None else round(r['precision'], 3)} | "
+                  f"{r['recall'] if r['recall'] is None else round(r['recall'], 3)} |" for r in c["per_depth"]]
+        lines += [""]
+    if card.get("heldout_at_init", {}).get("positions"):
+        b = card["heldout_at_init"]
+        lines += [f"Started from `{card['config']['init']}`: on the same held-out positions it had top-1 "
+                  f"{' / '.join(f'{a:.3f}' for a in b['acc'])}, chain tau {b['tau']:.3f}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -412,6 +476,8 @@ def add_eagle_arguments(parser) -> None:
     a("--eagle-lr", type=float, default=d.lr)
     a("--eagle-reg-weight", type=float, default=d.reg_weight)
     a("--eagle-max-steps", type=int, default=None, help="stop after this many steps (a CPU budget)")
+    a("--eagle-init", metavar="DIR", default=None,
+      help="start from this saved drafter (train on over a grown cache) instead of fresh weights")
 
 
 def run_train_eagle(args) -> int:
@@ -431,7 +497,7 @@ def run_train_eagle(args) -> int:
                 depth=args.eagle_depth, batch_windows=args.eagle_batch_windows, lr=args.eagle_lr,
                 reg_weight=args.eagle_reg_weight, max_steps=args.eagle_max_steps, epochs=args.epochs,
                 draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                data_only=args.data_only)
+                init=args.eagle_init, data_only=args.data_only)
     if args.data_only:
         print(json.dumps(got, indent=1))
     return 0

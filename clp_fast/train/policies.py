@@ -40,10 +40,12 @@ def head_predictions(z: torch.Tensor, W: torch.Tensor, vocab_limit: int, top: in
 
 @torch.no_grad()
 def heldout_rows(z_fn, W: torch.Tensor, cache: Path, k: int, vocab_limit: int, kinds=("heldout_tf",),
-                 progress: bool = False, max_rows: int | None = None) -> dict:
+                 progress: bool = False, max_rows: int | None = None, per_shard: bool = False) -> dict:
     """Decode-time rows of the held-out shards.
 
-    ``z_fn(h [R, H] backbone dtype, pending [R]) -> [R, k, H]`` gives the heads' outputs. Returns hidden
+    ``z_fn(h [R, H] backbone dtype, pending [R]) -> [R, k, H]`` gives the heads' outputs; with ``per_shard``,
+    ``z_fn(shard) -> [n, L, k, H]`` gives them at every position of a shard's sequences (a drafter reading its
+    context: position ``t``'s depth-``j`` output guesses the token after ``t + j``). Returns hidden
     ``[N, H]``, conf ``[N, k]``, top ``[N, k, 3]`` ids, target ``[N, k]``, known ``[N, k]`` (head j's
     target is the greedy one), group ``[N]`` (sequence id), source ``[N]`` (index into ``kinds``).
     """
@@ -68,7 +70,8 @@ def heldout_rows(z_fn, W: torch.Tensor, cache: Path, k: int, vocab_limit: int, k
             tgt_idx = (flat[:, None] + torch.arange(1, k + 1)[None]).clamp(max=n * L - 1)
             pos, seq_len = t.repeat(n)[flat], length.repeat_interleave(L)[flat]
             has = (pos[:, None] + torch.arange(1, k + 1)[None]) < seq_len[:, None]
-            top, conf = head_predictions(z_fn(h.to(W.dtype), pending), W, vocab_limit)
+            z = z_fn(data).reshape(n * L, k, H)[flat] if per_shard else z_fn(h.to(W.dtype), pending)
+            top, conf = head_predictions(z, W, vocab_limit)
             out["hidden"].append(h)
             out["conf"].append(conf)
             out["top"].append(top)
@@ -168,51 +171,67 @@ def recall_at_precision(prob, y, known, target: float = 0.95) -> dict:
     return {"precision_target": target, "recall": float(tp[i] / t.sum()), "threshold": float(p[order][i])}
 
 
-def fit_policies(heads: MTPHeads, rows: dict, cfg: TrainConfig, progress: bool) -> dict:
-    """Fit the CLP (and gate) on 70 % of the held-out sequences, pick thresholds on the other 30 %."""
-    k = cfg.k
+def split_groups(groups: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows to fit on (70 % of the sequences) and to validate on (the other 30 %), as bool masks."""
+    n_groups = int(groups.max()) + 1
+    val_groups = torch.randperm(n_groups, generator=seeded(seed, "split"))[: max(1, n_groups * 3 // 10)]
+    is_val = torch.isin(groups, val_groups) if n_groups >= 2 else torch.ones_like(groups, dtype=torch.bool)
+    return (~is_val if (~is_val).any() else is_val), is_val
+
+
+def fit_clp(clp, rows: dict, seed: int, precision: float, progress: bool = False) -> dict:
+    """Fit ``clp`` (:class:`clp_fast.heads.CLP`, in place) on the fit rows of ``rows`` (:func:`heldout_rows`) and
+    pick its threshold on the validation rows: the smallest at which every depth's precision reaches
+    ``precision``. Returns the threshold and the validation tables."""
     h, conf = rows["hidden"].float(), rows["conf"].float()
     y, known = chain_labels(rows)
-    groups = rows["group"]
-    n_groups = int(groups.max()) + 1
-    val_groups = torch.randperm(n_groups, generator=seeded(cfg.seed, "split"))[: max(1, n_groups * 3 // 10)]
-    is_val = torch.isin(groups, val_groups) if n_groups >= 2 else torch.ones_like(groups, dtype=torch.bool)
-    tr = ~is_val if (~is_val).any() else is_val
+    tr, is_val = split_groups(rows["group"], seed)
     X = torch.cat([h, conf], dim=-1)  # standardise for the fit, then fold mean/std into the linear layer
     mu, sd = X[tr].mean(0), X[tr].std(0).clamp(min=1e-3)
-    lin = torch.nn.Linear(X.shape[1], k)
+    lin = torch.nn.Linear(X.shape[1], conf.shape[1])
     torch.nn.init.zeros_(lin.weight)
     torch.nn.init.zeros_(lin.bias)
     Xtr, ytr, ktr = ((X - mu) / sd)[tr], y[tr], known[tr]
     log(f"CLP: {int(tr.sum())} fit rows, {int(is_val.sum())} validation rows", progress)
     with torch.enable_grad():
-        _fit_bce(lin, lambda idx: lin(Xtr[idx]), ytr, ktr, cfg.seed)
+        _fit_bce(lin, lambda idx: lin(Xtr[idx]), ytr, ktr, seed)
     with torch.no_grad():
-        heads.clp.linear.weight.copy_(lin.weight / sd)
-        heads.clp.linear.bias.copy_(lin.bias - (lin.weight / sd) @ mu)
-        p_clp = torch.sigmoid(heads.clp.logits(h[is_val], conf[is_val]))
+        clp.linear.weight.copy_(lin.weight / sd)
+        clp.linear.bias.copy_(lin.bias - (lin.weight / sd) @ mu)
+        p_clp = torch.sigmoid(clp.logits(h[is_val], conf[is_val]))
     yv, kv = y[is_val], known[is_val]
-    thr = pick_threshold(p_clp, yv, kv, cfg.clp_precision)
-    out = {"rows_fit": int(tr.sum()), "rows_val": int(is_val.sum()),
-           "base_rates": [float(yv[:, j][kv[:, j]].mean()) for j in range(k)],
-           "clp": {"threshold": thr, "target_precision": cfg.clp_precision,
-                   "per_depth": pr_table(p_clp, yv, kv, thr), "at_0.5": pr_table(p_clp, yv, kv, 0.5),
-                   "depth1_recall_at_p95": recall_at_precision(p_clp, yv, kv, 0.95),
-                   "table": [{"threshold": t, "per_depth": pr_table(p_clp, yv, kv, t)}
-                             for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)]}}
+    thr = pick_threshold(p_clp, yv, kv, precision)
+    return {"rows_fit": int(tr.sum()), "rows_val": int(is_val.sum()),
+            "base_rates": [float(yv[:, j][kv[:, j]].mean()) if kv[:, j].any() else 0.0 for j in range(y.shape[1])],
+            "clp": {"threshold": thr, "target_precision": precision,
+                    "per_depth": pr_table(p_clp, yv, kv, thr), "at_0.5": pr_table(p_clp, yv, kv, 0.5),
+                    "depth1_recall_at_p95": recall_at_precision(p_clp, yv, kv, 0.95),
+                    "table": [{"threshold": t, "per_depth": pr_table(p_clp, yv, kv, t)}
+                              for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)]}}
+
+
+def fit_policies(heads: MTPHeads, rows: dict, cfg: TrainConfig, progress: bool) -> dict:
+    """Fit the CLP (and gate) on 70 % of the held-out sequences, pick thresholds on the other 30 %."""
+    h = rows["hidden"].float()
+    y, known = chain_labels(rows)
+    tr, is_val = split_groups(rows["group"], cfg.seed)
+    ytr, ktr, yv, kv = y[tr], known[tr], y[is_val], known[is_val]
+    out = fit_clp(heads.clp, rows, cfg.seed, cfg.clp_precision, progress)
+    thr = out["clp"]["threshold"]
     heads.thresholds["clp"] = thr
     # Lossless: the accepted count is the longest verified prefix of the drafted guesses, so drafting more
     # never accepts fewer -> draft all.
     heads.thresholds["lossless"] = 0.0
     if heads.gate is not None:
-        hs_tr = ((h - mu[:-k]) / sd[:-k])[tr]
+        mu, sd = h[tr].mean(0), h[tr].std(0).clamp(min=1e-3)
+        hs_tr = ((h - mu) / sd)[tr]
         gate = heads.gate
         with torch.enable_grad():
             _fit_bce(gate, lambda idx: gate.logits(hs_tr[idx]), ytr, ktr, cfg.seed + 1, epochs=10, lr=1e-3)
         with torch.no_grad():  # fold the input standardisation into the first layer
             lin0 = gate.net[0]
-            lin0.bias.copy_(lin0.bias - (lin0.weight / sd[:-k]) @ mu[:-k])
-            lin0.weight.copy_(lin0.weight / sd[:-k])
+            lin0.bias.copy_(lin0.bias - (lin0.weight / sd) @ mu)
+            lin0.weight.copy_(lin0.weight / sd)
             p_gate = torch.sigmoid(gate.logits(h[is_val]))
         gthr = pick_threshold(p_gate, yv, kv, cfg.clp_precision)
         heads.thresholds["gate"] = gthr
