@@ -457,8 +457,8 @@ def _card_md(card: dict) -> str:
         lines += [f"CLP (mode='clp'): threshold {c['threshold']:.4f} (every depth's precision >= "
                   f"{c['target_precision']} on {clp['rows_val']} validation positions); at it, per depth:", "",
                   "| depth | precision | recall |", "|---|---:|---:|"]
-        lines += [f"| {r['depth']} | {r['precision'] if r['precision'] is None else round(r['precision'], 3)} | "
-                  f"{r['recall'] if r['recall'] is None else round(r['recall'], 3)} |" for r in c["per_depth"]]
+        lines += [f"| {r['depth']} | {'–' if r['precision'] is None else round(r['precision'], 3)} | "
+                  f"{'–' if r['recall'] is None else round(r['recall'], 3)} |" for r in c["per_depth"]]
         lines += [""]
     if card.get("heldout_at_init", {}).get("positions"):
         b = card["heldout_at_init"]
