@@ -2,7 +2,7 @@
 and off, draft vocabulary 32K vs 16K, each read at depths 1-5 on the same held-out teacher-forced windows.
 
 Every variant trains on the same cached shards (``--cache``, built by ``clp-fast train --drafter eagle``) for the
-same number of steps, then is read by :func:`clp_fast.train.eagle.evaluate_eagle` at depth ``--eval-depth``: per
+same number of steps, then is read by :func:`clp_fast.train.eagle_eval.evaluate_eagle` at depth ``--eval-depth``: per
 depth the top-1 agreement with the backbone's argmax and the chain (all depths right to here). The shipped heads
 are read on the same positions (head ``j`` at ``i`` guesses the backbone's argmax at ``i + j``, as the drafter's
 depth ``j`` does). Each variant's drafter and result land in ``--work/<variant>/`` as it finishes (a rerun skips
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clp_fast import reference  # noqa: E402
 from clp_fast.drafts.eagle_model import EagleDrafter  # noqa: E402
 from clp_fast.train.config import atomic_write_text  # noqa: E402
-from clp_fast.train.eagle import EagleTrainConfig, evaluate_eagle, fit_eagle, heldout_accuracy  # noqa: E402
+from clp_fast.train.eagle import EagleTrainConfig, fit_eagle  # noqa: E402
+from clp_fast.train.eagle_eval import evaluate_eagle, heldout_accuracy  # noqa: E402
 
 VARIANTS = {  # name: (training-time-test depth, draft vocabulary)
     "ttt3-v32k": (3, 32768),
