@@ -194,22 +194,23 @@ class EagleSource(DraftSource):
         self.seconds += time.perf_counter() - t0
 
     @torch.inference_mode()
-    def chains(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The drafted chains of ``rows [R]`` (indices): tokens ``[R, d]`` and their probabilities ``[R, d]`` under
-        the drafter (softmax, not yet priors), each guess conditioned on the ones before it; ``d = depth``, or
-        fewer where ``stop_below`` ended every row's chain early."""
+    def chains(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The drafted chains of ``rows [R]`` (indices): tokens ``[R, d]``, their probabilities under the drafter
+        (softmax) and their priors (:meth:`prior`), each ``[R, d]``, each guess conditioned on the ones before it;
+        ``d = depth``, or fewer where ``stop_below`` ended every row's chain early."""
         f = self.last[rows]  # [R, H]
         lengths = self.lengths[rows]
         S = int(lengths.max())
         K, V = self.k[rows, :, :S], self.v[rows, :, :S]
         R = rows.shape[0]
-        toks, probs, chain = [], [], torch.ones(R, device=f.device)
+        toks, probs, priors, chain = [], [], [], torch.ones(R, device=f.device)
         for d in range(self.max_depth):
             logits = packed.linear(f.to(self.bb.dtype), self.W).float()  # [R, Vd]
             tok = logits.argmax(-1)  # lowest index on ties, as torch.argmax
             toks.append(tok)
             probs.append(torch.softmax(logits, -1).gather(1, tok[:, None])[:, 0])
-            chain = chain * self.prior(d + 1, probs[-1])
+            priors.append(self.prior(d + 1, probs[-1]))
+            chain = chain * priors[-1]
             if d == self.max_depth - 1 or (self.stop_below > 0 and bool((chain < self.stop_below).all())):
                 break
             # the pair (f, tok) at position lengths + d: sees the committed pairs and this chain's earlier ones
@@ -218,7 +219,7 @@ class EagleSource(DraftSource):
             out, k, v = self.drafter(f[:, None], self.embed(tok[:, None]), (lengths + d)[:, None], K, V, mask)
             K, V = torch.cat([K, k], dim=2), torch.cat([V, v], dim=2)
             f = out[:, 0]
-        return torch.stack(toks, 1), torch.stack(probs, 1)
+        return torch.stack(toks, 1), torch.stack(probs, 1), torch.stack(priors, 1)
 
     def prior(self, depth: int, p: torch.Tensor) -> torch.Tensor:
         """Priors of depth-``depth`` guesses of drafter probability ``p [...]``: the calibration's, else ``p``."""
@@ -278,15 +279,13 @@ class EagleSource(DraftSource):
         self.clp_threshold = d.clp_threshold if threshold is None else float(threshold)
         self.max_depth, self.stop_below = d.clp.k, 0.0
 
-    def unverified_chains(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chains of ``rows [R]`` cut to the CLP's accept length: tokens ``[R, 1, n]`` and their probabilities
-        (``n`` the longest accept length; a row's shorter chain is cut when proposed, see :meth:`propose`)."""
-        toks, probs = self.chains(rows)
+    def unverified_chains(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chains of ``rows [R]`` (tokens, probabilities ``[R, depth]``) and how much of each the CLP takes
+        ``[R]``."""
+        toks, probs, _ = self.chains(rows)
         clp = self.drafter.clp
-        n = reference.clp_accept_lengths(self.hidden[rows], probs, clp.linear.weight, clp.linear.bias,
-                                         self.clp_threshold)
-        keep = torch.arange(toks.shape[1], device=toks.device)[None] < n[:, None]
-        return toks[:, None], torch.where(keep, probs, -1.0)[:, None]
+        return toks, probs, reference.clp_accept_lengths(self.hidden[rows], probs, clp.linear.weight,
+                                                         clp.linear.bias, self.clp_threshold)
 
     def report(self) -> dict:
         """Its own seconds (drafting and catching up) and the steps it drafted in."""
@@ -299,19 +298,20 @@ class EagleSource(DraftSource):
         t0 = time.perf_counter()
         idx = [b for b, ok in enumerate(live) if ok]
         rows = torch.tensor(idx, device=self.bb.device)
-        if self.clp_threshold is not None:
-            toks, probs = self.unverified_chains(rows)
-        elif self.top_m == 1:
-            toks, p = self.chains(rows)
-            probs = torch.stack([self.prior(j + 1, p[:, j]) for j in range(p.shape[1])], 1)
-            toks, probs = toks[:, None], probs[:, None]
-        else:
-            toks, probs = self.tree(rows)
-        toks, probs = toks.tolist(), probs.tolist()
         out: list[list[Proposal]] = [[] for _ in live]
-        for i, b in enumerate(idx):  # a negative probability: past the CLP's accept length (mode="clp")
-            out[b] = [Branch(t[: n], p[: n], "eagle") for t, p in zip(toks[i], probs[i])
-                      if (n := sum(1 for q in p if q >= 0))]
+        if self.clp_threshold is not None:  # mode="clp": only what the CLP takes, possibly nothing
+            toks, probs, n = (t.tolist() for t in self.unverified_chains(rows))
+            for i, b in enumerate(idx):
+                out[b] = [Branch(toks[i][: n[i]], probs[i][: n[i]], "eagle")] if n[i] else []
+        else:
+            if self.top_m == 1:
+                toks, _, priors = self.chains(rows)
+                toks, probs = toks[:, None], priors[:, None]  # one branch per row
+            else:
+                toks, probs = self.tree(rows)
+            toks, probs = toks.tolist(), probs.tolist()
+            for i, b in enumerate(idx):
+                out[b] = [Branch(t, p, "eagle") for t, p in zip(toks[i], probs[i])]
         self.steps += 1
         self.seconds += time.perf_counter() - t0
         return out
