@@ -37,10 +37,11 @@ from clp_fast.train import losses
 from clp_fast.train.config import RUN_MARKER, atomic_torch_save, atomic_write_text, log, seeded
 from clp_fast.train.shards import load_shard, shard_paths
 
-__all__ = ["EagleTrainConfig", "unrolled", "unrolled_loss", "train_eagle", "CKPT_NAME"]
+__all__ = ["EagleTrainConfig", "unrolled", "unrolled_loss", "step_loss", "train_eagle", "CKPT_NAME"]
 
 CKPT_NAME = "eagle_checkpoint.pt"
 TRAIN_KINDS = ("tf", "gen")
+AMP_MODES = ("auto", "bf16", "off")
 
 
 @dataclasses.dataclass
@@ -61,12 +62,16 @@ class EagleTrainConfig:
     max_steps: int | None = None  # stop early (a CPU-time budget); None: every batch of every epoch
     init: str | None = None  # a saved drafter to start from (training on, e.g. over a grown cache); None: fresh
     clp_precision: float = 0.99  # the CLP's saved threshold: the smallest at which every depth reaches this
+    amp: str = "auto"  # "bf16": matmuls under CPU autocast (fp32 master weights, fp32 losses); "off"; "auto":
+    # bf16 where oneDNN runs bf16 natively (AVX-512 BF16 / AMX; ~1.8x per step measured on Zen 5), else off
 
     def validate(self) -> None:
         for name in ("depth", "epochs", "batch_windows", "kl_topk", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive int")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp={self.amp!r} must be one of {AMP_MODES}")
         if not 0.0 < self.clp_precision < 1.0:
             raise ValueError(f"clp_precision={self.clp_precision!r} must be in (0, 1)")
         if self.lr <= 0 or self.reg_weight < 0 or self.negatives < 0:
@@ -74,6 +79,13 @@ class EagleTrainConfig:
                              f"negatives={self.negatives!r} >= 0")
         if self.init is not None and not Path(self.init).is_dir():
             raise FileNotFoundError(f"init={self.init!r}: no such drafter folder")
+
+
+def autocast_dtype(amp: str) -> torch.dtype | None:
+    """The dtype the training step's matmuls run in under ``amp`` (None: fp32 throughout)."""
+    if amp == "auto":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return torch.bfloat16 if amp == "bf16" else None
 
 
 def ttt_mask(T: int, j: int, device) -> torch.Tensor:
@@ -149,6 +161,14 @@ def unrolled_loss(drafter: EagleDrafter, embed: torch.nn.Module, W: torch.Tensor
     return total, per_depth
 
 
+def step_loss(drafter: EagleDrafter, embed: torch.nn.Module, W: torch.Tensor, data: dict, cfg: EagleTrainConfig,
+              gen: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+    """:func:`unrolled_loss` as a training step computes it: under bf16 autocast where ``cfg.amp`` says so."""
+    amp = autocast_dtype(cfg.amp)
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        return unrolled_loss(drafter, embed, W, data, cfg, gen)
+
+
 def _windows(paths: list[Path]) -> list[int]:
     from safetensors import safe_open
 
@@ -219,7 +239,7 @@ def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, 
         batch = {key: (t[:, :L] if t.dim() > 1 else t) for key, t in batch.items()}
         for g in opt.param_groups:
             g["lr"] = _lr(step, len(steps), cfg)
-        loss, per_depth = unrolled_loss(drafter, embed, W, batch, cfg, seeded(cfg.seed, "eagle-neg", step))
+        loss, per_depth = step_loss(drafter, embed, W, batch, cfg, seeded(cfg.seed, "eagle-neg", step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -237,6 +257,7 @@ def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, 
     bar.close()
     drafter.eval()
     return {"steps": len(steps), "windows": sum(sizes), "loss_history": history,
+            "amp": str(autocast_dtype(cfg.amp) or torch.float32),
             "loss_columns": ["step", "loss"] + [f"kl_depth{j}" for j in range(1, cfg.depth + 1)],
             "seconds_this_run": time.perf_counter() - t0}
 
@@ -367,6 +388,8 @@ def add_eagle_arguments(parser) -> None:
     a("--eagle-max-steps", type=int, default=None, help="stop after this many steps (a CPU budget)")
     a("--eagle-init", metavar="DIR", default=None,
       help="start from this saved drafter (train on over a grown cache) instead of fresh weights")
+    a("--eagle-amp", choices=AMP_MODES, default=d.amp,
+      help="bf16 autocast for the training step (fp32 master weights); auto: where the CPU runs bf16 natively")
 
 
 def run_train_eagle(args) -> int:
@@ -386,7 +409,7 @@ def run_train_eagle(args) -> int:
                 depth=args.eagle_depth, batch_windows=args.eagle_batch_windows, lr=args.eagle_lr,
                 reg_weight=args.eagle_reg_weight, max_steps=args.eagle_max_steps, epochs=args.epochs,
                 draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                init=args.eagle_init, data_only=args.data_only)
+                init=args.eagle_init, amp=args.eagle_amp, data_only=args.data_only)
     if args.data_only:
         print(json.dumps(got, indent=1))
     return 0
