@@ -20,7 +20,7 @@ from clp_fast.engine.speculation import SourceGate
 from clp_fast.heads import MTPHeads
 from clp_fast.train import eagle as train_eagle_mod
 from clp_fast.train import eagle_eval
-from clp_fast.train.eagle import EagleTrainConfig, unrolled, unrolled_loss
+from clp_fast.train.eagle import EagleTrainConfig, step_loss, unrolled, unrolled_loss
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
 from tests.test_decode import PROMPTS, hf_greedy
 
@@ -136,6 +136,28 @@ def test_training_windows_teach_the_drafter_per_depth(oracle):
         guess = model.lm_head(f[0, : L - 1 - j]).argmax(-1)
         acc = (guess == data["argmax"][0, j : L - 1]).float().mean()
         assert acc > 0.8, (j, float(acc))  # an untrained (identity) drafter: ~1 / vocab
+
+
+def test_bf16_autocast_step_follows_the_fp32_step(oracle):
+    """``amp="bf16"``: the training step's loss and gradient equal fp32's to bf16 precision (its matmuls round
+    their operands to 8 mantissa bits, ~2^-9 relative each, and accumulate in fp32: 2 % on the loss, gradient
+    cosine > 0.99), and are not fp32's bits (autocast is on); a bad ``amp`` is named."""
+    model, _, want, _ = oracle
+    data = window_data(model, want[0].tolist())
+    W = model.lm_head.weight.detach()
+    losses, grads = {}, {}
+    for amp in ("off", "bf16"):
+        d = random_drafter(model)  # seeded: the same weights for both
+        cfg = EagleTrainConfig(depth=3, negatives=0, amp=amp)
+        loss, _ = step_loss(d, model.get_input_embeddings(), W, data, cfg, torch.Generator().manual_seed(0))
+        loss.backward()
+        losses[amp] = loss.detach()
+        grads[amp] = torch.cat([p.grad.flatten() for p in d.parameters()])
+    assert not torch.equal(losses["off"], losses["bf16"])
+    torch.testing.assert_close(losses["bf16"], losses["off"], rtol=2e-2, atol=0)
+    assert torch.nn.functional.cosine_similarity(grads["off"], grads["bf16"], dim=0) > 0.99
+    with pytest.raises(ValueError, match="amp='fp16'"):
+        EagleTrainConfig(amp="fp16").validate()
 
 
 @pytest.mark.parametrize("drafter_kind", ["random", "overfitted", "overfitted tree", "overfitted, asked 1 step in 3"])
