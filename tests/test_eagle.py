@@ -355,6 +355,24 @@ def test_training_on_from_a_saved_drafter_starts_at_its_weights(tmp_path):
         _train(model, tmp_path, "bad2", init="/nowhere")
 
 
+def test_zero_steps_from_a_saved_drafter_only_refits_its_clp(tmp_path):
+    """``init=DIR, max_steps=0`` (``--eagle-init DIR --eagle-max-steps 0``): the saved weights unchanged, the card's
+    held-out numbers those of DIR, a CLP fitted and saved; without ``init`` it is refused, naming the value."""
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    ref = _train(model, tmp_path, "ref")
+    got = _train(model, tmp_path, "refit", init=str(tmp_path / "ref"), max_steps=0, cache_dir_name="ref-cache")
+    for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        if not n.startswith("clp."):
+            assert torch.equal(a, b), n
+    card = json.loads((tmp_path / "refit" / "training_card.json").read_text())
+    assert card["fit"]["steps"] == 0 and card["heldout"]["acc"] == card["heldout_at_init"]["acc"]
+    assert got.clp is not None and card["clp"]["clp"]["threshold"] == got.clp_threshold
+    with pytest.raises(ValueError, match="max_steps=0 trains nothing"):
+        _train(model, tmp_path, "none", max_steps=0)
+    with pytest.raises(ValueError, match="max_steps=-1"):
+        _train(model, tmp_path, "neg", max_steps=-1)
+
+
 def test_calibration_table_is_hits_over_seen_with_pseudo_counts():
     """Hand-computed: two depths, three anchors; depth 2 counts only anchors whose depth-1 guess was right."""
     binned = torch.zeros(2, 2, eagle_eval.CALIB_BINS)

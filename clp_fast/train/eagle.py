@@ -59,7 +59,8 @@ class EagleTrainConfig:
     draft_vocab: int | None = None
     checkpoint_every: int = 50
     seed: int = 0
-    max_steps: int | None = None  # stop early (a CPU-time budget); None: every batch of every epoch
+    max_steps: int | None = None  # stop early (a CPU-time budget); None: every batch of every epoch; 0 (with
+    # ``init``): no step, only the card's held-out numbers and a CLP fitted for the saved drafter's weights
     init: str | None = None  # a saved drafter to start from (training on, e.g. over a grown cache); None: fresh
     clp_precision: float = 0.99  # the CLP's saved threshold: the smallest at which every depth reaches this
     amp: str = "auto"  # "bf16": matmuls under CPU autocast (fp32 master weights, fp32 losses); "off"; "auto":
@@ -72,6 +73,12 @@ class EagleTrainConfig:
                 raise ValueError(f"{name}={v!r} must be a positive int")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp={self.amp!r} must be one of {AMP_MODES}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 0):
+            raise ValueError(f"max_steps={self.max_steps!r} must be None or an int >= 0")
+        if self.max_steps == 0 and self.init is None:
+            raise ValueError("max_steps=0 trains nothing: it re-evaluates a saved drafter and fits its CLP, so it "
+                             "needs init (--eagle-init DIR)")
         if not 0.0 < self.clp_precision < 1.0:
             raise ValueError(f"clp_precision={self.clp_precision!r} must be in (0, 1)")
         if self.lr <= 0 or self.reg_weight < 0 or self.negatives < 0:
@@ -185,7 +192,7 @@ def _schedule(sizes: list[int], cfg: EagleTrainConfig) -> list[tuple[int, int, i
     for e in range(cfg.epochs):
         for s in torch.randperm(len(sizes), generator=seeded(cfg.seed, "eagle", e)).tolist():
             steps += [(e, s, b) for b in range(math.ceil(sizes[s] / cfg.batch_windows))]
-    return steps[: cfg.max_steps] if cfg.max_steps else steps
+    return steps if cfg.max_steps is None else steps[: cfg.max_steps]
 
 
 def _lr(step: int, total: int, cfg: EagleTrainConfig) -> float:
@@ -385,7 +392,9 @@ def add_eagle_arguments(parser) -> None:
     a("--eagle-batch-windows", type=int, default=d.batch_windows, help="windows per step (default %(default)s)")
     a("--eagle-lr", type=float, default=d.lr)
     a("--eagle-reg-weight", type=float, default=d.reg_weight)
-    a("--eagle-max-steps", type=int, default=None, help="stop after this many steps (a CPU budget)")
+    a("--eagle-max-steps", type=int, default=None,
+      help="stop after this many steps (a CPU budget); 0 with --eagle-init: no training, re-evaluate the saved "
+           "drafter and fit its CLP")
     a("--eagle-init", metavar="DIR", default=None,
       help="start from this saved drafter (train on over a grown cache) instead of fresh weights")
     a("--eagle-amp", choices=AMP_MODES, default=d.amp,
