@@ -115,7 +115,8 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
     ``datastore`` (a :func:`clp_fast.drafts.datastore.datastore_factory`) a lossless k=2 row with the retrieval
     drafts beside the plain one (``run_bench.py --datastore``); ``drafter`` (a factory from
     :func:`drafter_factory`) the rows ``drafter alone`` (no heads, no prompt lookup), ``heads alone`` (its
-    control) and ``lossless + drafter`` (heads k=2, lookup and the drafter)."""
+    control), ``drafter + lookup`` (no heads: the drafter in the heads' place) and ``lossless + drafter`` (heads
+    k=2, lookup and the drafter)."""
     from transformers import GenerationConfig
 
     def hf(**extra):
@@ -165,6 +166,7 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
         methods += [Method("clp_fast heads alone", 2, ours("lossless", 2, lookup=0), "clp_fast"),
                     Method("clp_fast drafter alone", None, ours("lossless", None, drafts=[drafter], lookup=0),
                            "clp_fast"),
+                    Method("clp_fast drafter + lookup", None, ours("lossless", None, drafts=[drafter]), "clp_fast"),
                     Method("clp_fast lossless + drafter", 2, ours("lossless", 2, drafts=[drafter]), "clp_fast")]
     methods += [Method("clp_fast clp", k, ours("clp", k), "clp_fast") for k in ks]
     if heads.gate is not None:
