@@ -19,11 +19,38 @@ from safetensors.torch import load_file
 from clp_fast.files import save_weights, sha256
 from clp_fast.models import packed
 
-__all__ = ["EagleDrafter", "FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["EagleDrafter", "FORMAT", "CONFIG_NAME", "WEIGHTS_NAME", "QUANTIZATIONS", "quantize_rows"]
 
 FORMAT = "clp_fast.eagle_drafter/1"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "drafter.safetensors"
+# How the saved file may store the matrices: "int8-rowwise" keeps each 2-D weight as int8 with one fp32 scale per
+# output row (``w ≈ q * scale``, ``|q| <= 127``), half of bf16's bytes: how a drafter ships inside the package.
+QUANTIZATIONS = ("int8-rowwise",)
+SCALE_SUFFIX = ".scale"
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> int8 ``q [N, K]`` and fp32 ``scale [N]`` with ``w ≈ q * scale[:, None]`` (symmetric, per row,
+    round to nearest: error at most ``scale / 2`` per entry; an all-zero row gets scale 1)."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 state of a file saved with ``quantize="int8-rowwise"``: each ``name`` + ``name.scale`` pair back to one
+    matrix, everything else as stored."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = state.get(name + SCALE_SUFFIX)
+        if (scale is None) != (t.dtype != torch.int8):
+            raise ValueError(f"{name}: an int8 matrix needs its {name + SCALE_SUFFIX} and only int8 ones have one")
+        out[name] = t.float() if scale is None else t.float() * scale.float()[:, None]
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -246,12 +273,23 @@ class EagleDrafter(nn.Module):
                 **({"clp": {"depth": self.clp.k, "threshold": self.clp_threshold}} if self.clp is not None else {}),
                 **({"extra": self.extra} if self.extra else {})}
 
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        quantize: str | None = None) -> Path:
         """Write ``drafter.safetensors`` + ``config.json`` to ``directory`` atomically (temp dir, then renames:
-        weights first, config last, the config naming the weights' sha256)."""
-        tensors = {n: (t.detach().to(dtype) if dtype and not n.startswith("clp.") else t.detach()).contiguous().cpu()
-                   for n, t in self.state_dict().items()}
-        return save_weights(directory, tensors, self.config_dict(), WEIGHTS_NAME, CONFIG_NAME)
+        weights first, config last, the config naming the weights' sha256). ``dtype``: the stored dtype of the
+        network's tensors (the CLP stays fp32); ``quantize="int8-rowwise"``: its matrices as int8 + row scales
+        (:func:`quantize_rows`; loading dequantizes them)."""
+        if quantize is not None and quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize={quantize!r} must be None or one of {QUANTIZATIONS}")
+        tensors = {}
+        for n, t in self.state_dict().items():
+            t = t.detach().cpu()
+            if quantize and t.dim() == 2 and not n.startswith("clp."):
+                tensors[n], tensors[n + SCALE_SUFFIX] = quantize_rows(t)
+            else:
+                tensors[n] = (t.to(dtype) if dtype and not n.startswith("clp.") else t).contiguous()
+        config = {**self.config_dict(), **({"quantization": quantize} if quantize else {})}
+        return save_weights(directory, tensors, config, WEIGHTS_NAME, CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, model=None, dtype=torch.float32,
@@ -274,6 +312,8 @@ class EagleDrafter(nn.Module):
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             fmt = cfg.get("format") if isinstance(cfg, dict) else cfg
             raise ValueError(f"{cfg_path}: unknown drafter format {fmt!r}")
+        if cfg.get("quantization", None) not in (None, *QUANTIZATIONS):
+            raise ValueError(f"{cfg_path}: unknown quantization {cfg['quantization']!r} (known: {QUANTIZATIONS})")
         try:
             d = cls(cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg["kv_heads"], cfg["head_dim"],
                     cfg["intermediate_size"], cfg["rms_norm_eps"], cfg["rope_theta"], cfg["attention_bias"],
@@ -295,6 +335,11 @@ class EagleDrafter(nn.Module):
         for name, t in state.items():
             if not bool(torch.isfinite(t.float()).all()):
                 raise ValueError(f"{w_path}: {name} holds NaN or inf; the drafter was saved from a diverged run")
+        if cfg.get("quantization"):
+            try:
+                state = _dequantized(state)
+            except ValueError as e:
+                raise ValueError(f"{w_path}: {e}") from e
         try:
             d.load_state_dict({n: t.float() for n, t in state.items()}, strict=True)
         except RuntimeError as e:
