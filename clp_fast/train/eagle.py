@@ -91,7 +91,8 @@ class EagleTrainConfig:
 def autocast_dtype(amp: str) -> torch.dtype | None:
     """The dtype the training step's matmuls run in under ``amp`` (None: fp32 throughout)."""
     if amp == "auto":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else None
     return torch.bfloat16 if amp == "bf16" else None
 
 
