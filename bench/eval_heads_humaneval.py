@@ -10,7 +10,10 @@
    its measured tau (checks the simulation) and how often it equals greedy.
 
 Several head sets can be scored on the same continuations (``--heads a b``); ``default`` is the
-shipped set.
+shipped set. ``--drafter DIR ...`` scores EAGLE-style drafters the same way (drafter alone, prompt lookup off):
+unrolled over the same hidden states with their own features (:func:`clp_fast.train.eagle.unrolled`, as the
+decode step drafts), depth ``j`` from anchor ``t`` guessing token ``t + j + 1``; the real decoding check runs them
+with ``heads=False`` and the chain depth of ``--drafter-depth``.
 
     python bench/eval_heads_humaneval.py --model qwen2.5-coder-0.5b-instruct --heads default /path/new
 """
@@ -35,6 +38,7 @@ from clp_fast.heads import MTPHeads
 from clp_fast.models.hub import load_model
 from clp_fast.models.native import NativeBackbone
 from clp_fast.train.build import greedy, prefill
+from clp_fast.train.eagle import unrolled
 from clp_fast.train.evaluate import chain_tau
 from clp_fast.train.policies import head_predictions, recall_at_precision
 
@@ -84,6 +88,45 @@ def score(bb, heads: MTPHeads, seqs: list[tuple[list[int], list[int]]], hidden: 
 
 
 @torch.inference_mode()
+def score_drafter(bb, drafter, seqs: list[tuple[list[int], list[int]]], hidden: list[torch.Tensor],
+                  depth: int) -> dict:
+    """:func:`score`'s per-depth top-1, chain and simulated chain tau for an EAGLE-style drafter."""
+    W = bb.plain_lm_head[: drafter.draft_vocab]
+    hits, oks = [], []
+    for (ids, cont), hid in zip(seqs, hidden):
+        seq = ids + cont
+        outs = unrolled(drafter, bb.inner.embed_tokens, hid[None].to(next(drafter.parameters()).dtype),
+                        torch.tensor([seq]), depth)
+        t = torch.arange(len(ids) - 1, len(seq) - 1)  # anchors: the backbone's token at t + 1 is a continuation's
+        if not len(t):
+            continue
+        guess = torch.stack([(o[0, t].to(W.dtype) @ W.t()).argmax(-1).cpu() for o in outs], 1)  # [T, depth]
+        tj = t[:, None] + 1 + torch.arange(1, depth + 1)[None]
+        ok = tj < len(seq)
+        hit = (guess == torch.tensor(seq)[tj.clamp(max=len(seq) - 1)]) & ok
+        hits.append(hit)
+        oks.append(ok)
+    hit, ok = torch.cat(hits), torch.cat(oks)
+    return {"positions": int(hit.shape[0]), "top1": (hit.sum(0) / ok.sum(0).clamp(min=1)).tolist(),
+            "chain": hit[ok.all(-1)].long().cumprod(-1).float().mean(0).tolist(),
+            "chain_tau_drafter_only": sum(chain_tau(h) for h in hits) / len(hits)}
+
+
+def decode_drafter(model, drafter, seqs, depth: int, max_new_tokens: int) -> dict:
+    """Real drafter-alone lossless decoding (B = 1, no heads, no lookup, fixed speculation) of ``seqs``' prompts."""
+    from clp_fast.drafts.eagle import EagleSource
+
+    dec = []
+    for p, c in seqs:
+        out, st = clp_fast.generate(model, torch.tensor([p]), False, max_new_tokens=max_new_tokens, mode="lossless",
+                                    prompt_lookup=0, drafts=[EagleSource.factory(drafter, depth)],
+                                    speculation="fixed", return_stats=True)
+        dec.append({"tau": st.tau, "equal_greedy": out[0, len(p) : len(p) + st.new_tokens[0]].tolist() == c})
+    return {"n": len(dec), "tau": sum(d["tau"] for d in dec) / max(1, len(dec)),
+            "equal_greedy": sum(d["equal_greedy"] for d in dec) / max(1, len(dec))}
+
+
+@torch.inference_mode()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -93,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="batch of the greedy generation")
     ap.add_argument("--decode", type=int, default=16, help="prompts decoded for real (heads only, B=1)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--drafter", nargs="*", default=[], metavar="DIR", help="EAGLE-style drafters to score too")
+    ap.add_argument("--drafter-depth", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     model, tok = load_model(args.model, dtype=args.dtype)
@@ -136,6 +181,19 @@ def main(argv=None) -> int:
                                                                 hidden[: args.decode])["chain_tau_heads_only"]}
         res["heads"][name] = r
         print(name, json.dumps({key: v for key, v in r.items()}, indent=None), flush=True)
+    for folder in args.drafter:
+        from clp_fast.drafts.eagle_model import EagleDrafter
+
+        with torch.inference_mode(False):  # normal tensors: the packed-weight cache keys on their versions
+            d = EagleDrafter.from_pretrained(folder, model=model, dtype=bb.dtype)
+        r = score_drafter(bb, d, seqs, hidden, args.drafter_depth)
+        if args.decode:
+            r["decoded"] = {**decode_drafter(model, d, seqs[: args.decode], args.drafter_depth, args.max_new_tokens),
+                            "simulated_tau_same_prompts": score_drafter(bb, d, seqs[: args.decode],
+                                                                        hidden[: args.decode],
+                                                                        args.drafter_depth)["chain_tau_drafter_only"]}
+        res.setdefault("drafters", {})[folder] = r
+        print(folder, json.dumps(r), flush=True)
     out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
                                            f"{time.strftime('%Y%m%d-%H%M%S')}-heads-humaneval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
