@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 import clp_fast
+from clp_fast.engine.api import LOOKUP_WIDTH
 from clp_fast.heads import MTPHeads
 
 BASELINE = "hf-greedy"
@@ -166,7 +167,9 @@ def make_methods(model, heads: MTPHeads, ks: list[int], eos: list[int], pad: int
         methods += [Method("clp_fast heads alone", 2, ours("lossless", 2, lookup=0), "clp_fast"),
                     Method("clp_fast drafter alone", None, ours("lossless", None, drafts=[drafter], lookup=0),
                            "clp_fast"),
-                    Method("clp_fast drafter + lookup", None, ours("lossless", None, drafts=[drafter]), "clp_fast"),
+                    # without heads, generate() defaults to no lookup: its width here is the one it takes beside heads
+                    Method("clp_fast drafter + lookup", None,
+                           ours("lossless", None, drafts=[drafter], lookup=LOOKUP_WIDTH), "clp_fast"),
                     Method("clp_fast lossless + drafter", 2, ours("lossless", 2, drafts=[drafter]), "clp_fast")]
     methods += [Method("clp_fast clp", k, ours("clp", k), "clp_fast") for k in ks]
     if heads.gate is not None:

@@ -505,3 +505,22 @@ def test_cli_data_only_builds_the_cache_and_trains_nothing(tmp_path, monkeypatch
     assert not (tmp_path / "cache" / train_eagle_mod.CKPT_NAME).exists()
     assert not (tmp_path / "out" / "drafter.safetensors").exists()
 
+
+
+def test_every_shipped_drafter_loads_with_its_card_and_calibration():
+    """The shipped drafter files are whole (the loader checks the weights' sha256 against the config), stored
+    int8-rowwise (under the 20 MB a tracked file may take), and each carries its training card, its calibration
+    table (its priors in the decode loop) and its CLP (``mode="clp"``)."""
+    from clp_fast.assets import shipped_drafters
+
+    shipped = shipped_drafters()
+    assert "qwen2.5-coder-0.5b-instruct" in shipped
+    for name, folder in shipped.items():
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["quantization"] == "int8-rowwise", name
+        assert (folder / "drafter.safetensors").stat().st_size < 20 * 2**20, name
+        d = EagleDrafter.from_pretrained(folder)
+        assert d.fingerprint and d.draft_vocab <= d.vocab_size and d.clp is not None, name
+        cal = d.extra["calibration"]
+        assert len(cal["rates"]) >= 1 and all(len(r) == len(cal["edges"]) - 1 for r in cal["rates"]), name
+        assert (folder / "training_card.md").is_file() and (folder / "training_card.json").is_file(), name
