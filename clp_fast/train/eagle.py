@@ -363,7 +363,7 @@ def _card_md(card: dict) -> str:
     lines = ["# EAGLE-style drafter: training card", "", f"Command: `{card['command']}`", "",
              f"Steps: {card['fit']['steps']} over {card['fit']['windows']} windows; "
              f"fit {card['fit']['seconds_this_run']:.0f} s this run; data {card['data_seconds']:.0f} s; "
-             f"wall {card['wall_seconds']:.0f} s.", ""]
+             f"wall {card['wall_seconds']:.0f} s; step matmuls in {card['fit'].get('amp', 'torch.float32')}.", ""]
     if ev.get("positions"):
         lines += [f"Held-out ({ev['kind']}, {ev['positions']} positions, teacher-forced tokens, own features):", "",
                   "| depth | top-1 | chain (all right to here) |", "|---|---:|---:|"]
