@@ -126,7 +126,7 @@ def plot_quality(rows: list[dict], choice: dict, path: Path, title: str) -> None
     have_speed = all(r["speedup_median"] is not None for r in rows)
     ykey, ylabel = ("speedup_median", "speedup vs transformers greedy (median, B=1)") if have_speed else (
         "tau", "τ (tokens per forward)")
-    colors = {None: "black", "clp": "tab:orange", "gate": "tab:red"}
+    colors = {None: "black", "clp": "tab:orange", "gate": "tab:red", "drafter": "tab:blue"}
     for r in rows:
         lo, hi = r["pass_at_1_ci95"]
         x, y = r["pass_at_1"], r[ykey]
@@ -134,7 +134,7 @@ def plot_quality(rows: list[dict], choice: dict, path: Path, title: str) -> None
         ax1.annotate(r["method"], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax1.axhline(1.0, ls="--", color="gray", lw=1)
     ax1.set(xlabel="pass@1 (95% Wilson interval)", ylabel=ylabel, title="speed vs executed pass@1")
-    for policy, marker in (("clp", "o-"), ("gate", "s--")):
+    for policy, marker in (("clp", "o-"), ("gate", "s--"), ("drafter", "^-.")):
         pr = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["threshold"])
         if pr:
             ts = [r["threshold"] for r in pr]

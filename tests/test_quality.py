@@ -151,6 +151,20 @@ def test_drafter_rows_are_their_own_policy_keyed_by_the_drafters_weights():
     assert choice["drafter"]["method"] == "drafter@0.93" and choice["clp"]["method"] == "clp@0.96"
 
 
+def test_plot_draws_every_policy(tmp_path):
+    """The figure of a sweep with greedy, the heads' CLP, the gate, the drafter's CLP and the lossless control
+    (the drafter's rows once raised KeyError after the tables were written)."""
+    pytest.importorskip("matplotlib")
+    rows = [{**_row(name, policy, t, tau, lost), "pass_at_1_ci95": [0.4, 0.6]}
+            for name, policy, t, tau, lost in [("greedy", None, None, 1.0, 0), ("clp@0.9", "clp", 0.9, 1.1, 2),
+                                               ("gate@0.99", "gate", 0.99, 1.0, 0), ("drafter@0.97", "drafter", 0.97,
+                                                                                      1.02, 9),
+                                               ("lossless", None, None, 2.0, 0)]]
+    path = tmp_path / "q.png"
+    quality_report.plot_quality(rows, quality_report.choose_threshold(rows, 164, full=True), path, "t")
+    assert path.stat().st_size > 1000
+
+
 def test_write_threshold_updates_config_and_card(tmp_path):
     from clp_fast.heads import MTPHeads
     from tests.conftest import tiny_model
