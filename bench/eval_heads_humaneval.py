@@ -51,6 +51,13 @@ def _commit() -> str:
         return "?"
 
 
+def targets(seq: list[int], t: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What anchors ``t [T]`` guess at depths ``1..depth`` along ``seq``: tokens ``seq[t + 1 + j]`` ``[T, depth]``
+    and whether they exist (``ok``)."""
+    tj = t[:, None] + 1 + torch.arange(1, depth + 1)[None]
+    return torch.tensor(seq)[tj.clamp(max=len(seq) - 1)], tj < len(seq)
+
+
 @torch.inference_mode()
 def score(bb, heads: MTPHeads, seqs: list[tuple[list[int], list[int]]], hidden: list[torch.Tensor]) -> dict:
     k = heads.k
@@ -64,9 +71,7 @@ def score(bb, heads: MTPHeads, seqs: list[tuple[list[int], list[int]]], hidden: 
         z = reference.head_hidden(h, heads.weight, heads.bias)[:, 1:]
         top, conf = head_predictions(z, bb.plain_lm_head, heads.draft_vocab)  # top[..., 0]: the decode argmax
         top = top.cpu()
-        tj = t[:, None] + 1 + torch.arange(1, k + 1)[None]
-        ok = tj < len(seq)
-        tgt = torch.tensor(seq)[tj.clamp(max=len(seq) - 1)]
+        tgt, ok = targets(seq, t, k)
         hit = (top[..., 0] == tgt) & ok
         hits.append(hit)
         oks.append(ok)
@@ -101,9 +106,8 @@ def score_drafter(bb, drafter, seqs: list[tuple[list[int], list[int]]], hidden: 
         if not len(t):
             continue
         guess = torch.stack([(o[0, t].to(W.dtype) @ W.t()).argmax(-1).cpu() for o in outs], 1)  # [T, depth]
-        tj = t[:, None] + 1 + torch.arange(1, depth + 1)[None]
-        ok = tj < len(seq)
-        hit = (guess == torch.tensor(seq)[tj.clamp(max=len(seq) - 1)]) & ok
+        tgt, ok = targets(seq, t, depth)
+        hit = (guess == tgt) & ok
         hits.append(hit)
         oks.append(ok)
     hit, ok = torch.cat(hits), torch.cat(oks)

@@ -1,8 +1,9 @@
-"""The EAGLE-style drafter (clp_fast.drafts.eagle) as a draft source, and its training (clp_fast.train.eagle).
+"""The EAGLE-style drafter (clp_fast.drafts.eagle) as a draft source, its training loss and its files.
 
 Lossless output is checked against transformers' greedy, the drafter's cache against a fresh teacher-forced
 forward over the committed tokens (nothing drafted may leak into it), acceptance with a drafter overfitted on
-the continuation it is asked for, and a resumed training run against an uninterrupted one.
+the continuation it is asked for, the training step per depth and in bf16 autocast, saved and shipped files.
+Training runs (resume, init, CLI): tests/test_eagle_train.py.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from clp_fast.drafts.eagle import EagleDrafter, EagleSource
 from clp_fast.engine import generate_processed, sampling
 from clp_fast.engine.speculation import SourceGate
 from clp_fast.heads import MTPHeads
-from clp_fast.train import eagle as train_eagle_mod
-from clp_fast.train import eagle_eval
 from clp_fast.train.eagle import EagleTrainConfig, step_loss, unrolled, unrolled_loss
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
 from tests.test_decode import PROMPTS, hf_greedy
@@ -322,113 +321,6 @@ def test_bad_drafters_and_files_are_named(tmp_path):
         EagleDrafter.from_pretrained(tmp_path / "d")
 
 
-# ------------------------------------------------------------------------------------ training
-class ByteTokenizer:
-    def encode(self, text, add_special_tokens=False):
-        return list(text.encode("utf-8"))
-
-
-DATA = dict(max_tokens=1600, heldout_tokens=300, window=48, skip_first=4, gen_prompts=0, heldout_prompts=2,
-            gen_new_tokens=4, prompt_chars=160, batch_size=64, prefill_batch=8, gen_batch=8, max_ram_gb=0.0003,
-            stdlib=False, exclude=[])
-
-
-def _train(model, tmp, name, cache_dir_name=None, **kw):
-    from clp_fast.eval.data import stdlib_dir
-
-    data = {**DATA, "tokenizer": ByteTokenizer(), "corpus": [str(stdlib_dir() / "json")]}
-    opts = dict(depth=3, batch_windows=4, lr=3e-3, warmup_steps=2, checkpoint_every=5, negatives=64, max_steps=12,
-                save_dtype=torch.float32)
-    cache = tmp / (cache_dir_name or f"{name}-cache")
-    return train_eagle_mod.train_eagle(model, tmp / name, cache_dir=cache, data=data, progress=False,
-                                       **{**opts, **kw})
-
-
-def test_training_resumes_to_the_same_weights_after_a_kill(tmp_path, monkeypatch):
-    model = tiny_model("qwen2", max_position_embeddings=512)
-    ref = _train(model, tmp_path, "ref")
-    card = json.loads((tmp_path / "ref" / "training_card.json").read_text())
-    assert card["heldout"]["positions"] > 0 and len(card["heldout"]["acc"]) == 3
-    losses = [row[1] for row in card["loss_history"]]
-    assert losses[-1] < losses[0], losses  # it trained
-    cal = ref.extra["calibration"]  # its priors: measured on the held-out windows the card reports
-    assert sum(cal["counts"][0]) == card["heldout"]["positions"]  # depth 1: every held-out guess
-    chain = card["heldout"]["chain"]
-    for j in (1, 2):  # depth j + 1: only the guesses whose parents were all right
-        assert sum(cal["counts"][j]) == round(chain[j - 1] * card["heldout"]["positions"])
-
-    def kill(step):
-        if step == 7:  # after the checkpoint at step 5: steps 6-7 are redone on resume
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_eagle_mod, "after_step", kill)
-    with pytest.raises(KeyboardInterrupt):
-        _train(model, tmp_path, "out")
-    assert (tmp_path / "out-cache" / train_eagle_mod.CKPT_NAME).is_file()
-    monkeypatch.undo()
-    with pytest.raises(FileExistsError, match="--resume"):
-        _train(model, tmp_path, "out")
-    got = _train(model, tmp_path, "out", resume=True)
-    for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
-        assert torch.equal(a, b), n
-
-
-def test_training_on_from_a_saved_drafter_starts_at_its_weights(tmp_path):
-    """``init=DIR``: training starts from that drafter (its held-out numbers are the card's "at init", and with a
-    vanishing learning rate the result stays at its weights, unlike a fresh start); a draft vocabulary that differs
-    from the saved one's and a missing folder are named."""
-    model = tiny_model("qwen2", max_position_embeddings=512)
-    ref = _train(model, tmp_path, "ref")
-    ref_card = json.loads((tmp_path / "ref" / "training_card.json").read_text())
-    got = _train(model, tmp_path, "on", init=str(tmp_path / "ref"), lr=1e-12, max_steps=2,
-                 cache_dir_name="ref-cache")
-    card = json.loads((tmp_path / "on" / "training_card.json").read_text())
-    assert card["heldout_at_init"]["acc"] == ref_card["heldout"]["acc"]  # the same weights on the same positions
-    assert got.extra["training"]["init"] == str(tmp_path / "ref")
-    fresh = _train(model, tmp_path, "fresh", lr=1e-12, max_steps=2, cache_dir_name="ref-cache")
-    for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=n)
-    assert any(not torch.allclose(a, c, atol=1e-3) for a, c in zip(ref.state_dict().values(),
-                                                                     fresh.state_dict().values()))
-    with pytest.raises(ValueError, match="draft_vocab=64 differs"):
-        _train(model, tmp_path, "bad", init=str(tmp_path / "ref"), draft_vocab=64, cache_dir_name="ref-cache")
-    with pytest.raises(FileNotFoundError, match="init='/nowhere'"):
-        _train(model, tmp_path, "bad2", init="/nowhere")
-
-
-def test_zero_steps_from_a_saved_drafter_only_refits_its_clp(tmp_path):
-    """``init=DIR, max_steps=0`` (``--eagle-init DIR --eagle-max-steps 0``): the saved weights unchanged, the card's
-    held-out numbers those of DIR, a CLP fitted and saved; without ``init`` it is refused, naming the value."""
-    model = tiny_model("qwen2", max_position_embeddings=512)
-    ref = _train(model, tmp_path, "ref")
-    got = _train(model, tmp_path, "refit", init=str(tmp_path / "ref"), max_steps=0, cache_dir_name="ref-cache")
-    for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
-        if not n.startswith("clp."):
-            assert torch.equal(a, b), n
-    card = json.loads((tmp_path / "refit" / "training_card.json").read_text())
-    assert card["fit"]["steps"] == 0 and card["heldout"]["acc"] == card["heldout_at_init"]["acc"]
-    assert got.clp is not None and card["clp"]["clp"]["threshold"] == got.clp_threshold
-    with pytest.raises(ValueError, match="max_steps=0 trains nothing"):
-        _train(model, tmp_path, "none", max_steps=0)
-    with pytest.raises(ValueError, match="max_steps=-1"):
-        _train(model, tmp_path, "neg", max_steps=-1)
-
-
-def test_calibration_table_is_hits_over_seen_with_pseudo_counts():
-    """Hand-computed: two depths, three anchors; depth 2 counts only anchors whose depth-1 guess was right."""
-    binned = torch.zeros(2, 2, eagle_eval.CALIB_BINS)
-    hits = torch.tensor([[True, True], [True, False], [False, True]])
-    probs = torch.tensor([[0.95, 0.35], [0.91, 0.31], [0.05, 0.99]])
-    eagle_eval._bin(binned, hits, probs)
-    got = eagle_eval.calibration_table(binned)
-    c = eagle_eval.CALIB_PSEUDO
-    assert got["counts"][0][9] == 2 and got["counts"][0][0] == 1 and got["counts"][1][3] == 2
-    assert sum(got["counts"][1]) == 2  # the third anchor's depth-2 guess (parent wrong) is not counted
-    assert got["rates"][0][9] == pytest.approx((2 + c * 0.95) / (2 + c))
-    assert got["rates"][1][3] == pytest.approx((1 + c * 0.35) / (2 + c))
-    assert got["rates"][1][5] == pytest.approx(0.55)  # unseen: its midpoint
-
-
 def test_calibrated_priors_and_chains_that_stop_early(oracle, tmp_path):
     """A drafter saved with a calibration table proposes the table's rates as priors, and with ``stop_below``
     each chain ends at the first depth where the product of its priors falls below it; output stays greedy."""
@@ -485,26 +377,6 @@ def test_drafts_eagle_takes_the_shipped_drafter_that_fits(tmp_path, monkeypatch)
     assert_equal_ids(got, want)
     assert st.drafted > 0
     eagle.use_drafter(model, None)
-
-
-def test_cli_data_only_builds_the_cache_and_trains_nothing(tmp_path, monkeypatch, capsys):
-    """``clp-fast train --drafter eagle --data-only``: the shards are written, no drafter and no checkpoint."""
-    from clp_fast.cli import build_parser
-    from clp_fast.eval.data import stdlib_dir
-    from clp_fast.models import hub
-
-    model = tiny_model("qwen2", max_position_embeddings=512)
-    monkeypatch.setattr(hub, "load_model", lambda name, dtype=None: (model, ByteTokenizer()))
-    args = build_parser().parse_args(
-        ["train", "--drafter", "eagle", "--model", "tiny", "--out", str(tmp_path / "out"), "--cache-dir",
-         str(tmp_path / "cache"), "--data-only", "--no-stdlib", "--corpus", str(stdlib_dir() / "json"),
-         "--max-tokens", "800", "--window", "48", "--gen-prompts", "0", "--heldout-prompts", "0", "--dtype", "fp32"])
-    assert args.func(args) == 0
-    assert json.loads(capsys.readouterr().out)["tf"]["tokens_this_run"] > 0
-    assert list((tmp_path / "cache" / "tf").glob("shard-*.safetensors"))
-    assert not (tmp_path / "cache" / train_eagle_mod.CKPT_NAME).exists()
-    assert not (tmp_path / "out" / "drafter.safetensors").exists()
-
 
 
 def test_every_shipped_drafter_loads_with_its_card_and_calibration():

@@ -21,7 +21,8 @@ from clp_fast.heads import MTPHeads
 from clp_fast.train.eagle import unrolled
 from tests.conftest import assert_equal_ids, left_pad, tiny_model
 from tests.test_decode import PROMPTS
-from tests.test_eagle import _train, random_drafter
+from tests.test_eagle import random_drafter
+from tests.test_eagle_train import _train
 
 DEPTH = 3
 
