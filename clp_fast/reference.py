@@ -123,19 +123,7 @@ def fused_heads(
         raise ValueError(f"draft_vocab={draft_vocab!r} must be an int in [1, {V}]")
     check_top_m(top_m, Vd)
     z = head_hidden(hidden, head_weight, head_bias)  # [R, k + 1, H]
-    head_logits = None
-    if Vd == V or k == 0:
-        logits = linear(z.reshape(R * (k + 1), H), lm_head_weight)  # one matmul
-        ids, conf = _argmax_conf(logits)
-        if top_m > 1 and k:
-            head_logits = logits.view(R, k + 1, V)[:, 1:].reshape(R * k, V)
-    else:
-        ids0, conf0 = _argmax_conf(linear(hidden, lm_head_weight))
-        head_logits = linear(z[:, 1:].reshape(R * k, H), rows(lm_head_weight, Vd))
-        idsj, confj = _argmax_conf(head_logits)
-        ids = torch.cat([ids0.view(R, 1), idsj.view(R, k)], dim=1)
-        conf = torch.cat([conf0.view(R, 1), confj.view(R, k)], dim=1)
-    ids, conf = ids.view(R, k + 1), conf.view(R, k + 1)
+    ids, conf, head_logits = _all_rows(z, lm_head_weight, Vd, keep_head_logits=top_m > 1)
     if clp_weight is None or k == 0:
         accept = torch.full((R,), k, dtype=torch.long, device=hidden.device)
     else:
@@ -147,6 +135,25 @@ def fused_heads(
         return ids, conf, accept, empty.long(), empty.float()
     top_ids, top_p = _top_m(head_logits, top_m)
     return ids, conf, accept, top_ids.view(R, k, top_m), top_p.view(R, k, top_m)
+
+
+def _all_rows(z: torch.Tensor, lm_head_weight, Vd: int, keep_head_logits: bool):
+    """ids, conf ``[R, k + 1]`` of the backbone row (over all ``V``) and the head rows (over ``W[:Vd]``) of
+    ``z [R, k + 1, H]``, and the head rows' logits ``[R * k, ·]`` where ``keep_head_logits`` and ``k > 0`` (else None):
+    one matmul when the head rows range over all of ``V``."""
+    R, k1, H = z.shape
+    k, V = k1 - 1, lm_head_weight.shape[0]
+    if Vd == V or k == 0:
+        logits = linear(z.reshape(R * k1, H), lm_head_weight)  # one matmul
+        ids, conf = _argmax_conf(logits)
+        head_logits = logits.view(R, k1, V)[:, 1:].reshape(R * k, V) if keep_head_logits and k else None
+        return ids.view(R, k1), conf.view(R, k1), head_logits
+    ids0, conf0 = _argmax_conf(linear(z[:, 0].contiguous(), lm_head_weight))  # = hidden, as the caller passed it
+    head_logits = linear(z[:, 1:].reshape(R * k, H), rows(lm_head_weight, Vd))
+    idsj, confj = _argmax_conf(head_logits)
+    ids = torch.cat([ids0.view(R, 1), idsj.view(R, k)], dim=1)
+    conf = torch.cat([conf0.view(R, 1), confj.view(R, k)], dim=1)
+    return ids, conf, head_logits if keep_head_logits else None
 
 
 def head_rows(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, lm_head_weight: torch.Tensor,
