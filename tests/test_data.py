@@ -138,3 +138,29 @@ def test_prose_prompts_deterministic_english():
         assert "def " not in text and ">>>" not in text
     with pytest.raises(ValueError, match="n=100000"):
         data.prose_prompts(n=100000)
+
+
+def test_docstring_prompts_end_after_the_docstring(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text(
+        "import os\nfrom typing import List\n\n\n"
+        "def documented(xs: List[int]) -> int:\n    \"\"\"Sum of xs.\n\n    >>> documented([1, 2])\n    3\n"
+        "    \"\"\"\n    return sum(xs)\n\n\n"
+        "def only_doc():\n    \"\"\"No body after it.\"\"\"\n\n\n"
+        "def bare(x):\n    return x\n\n\n"
+        "class C:\n    def method(self):\n        '''A method.'''\n        return 1\n\n\n"
+        "def median(xs):\n    \"\"\"Excluded.\"\"\"\n    return xs\n")
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    files = [src, tmp_path / "broken.py"]
+    got = data.docstring_prompts(files, 10, chars=600, seed=0, exclude=["def median("])
+    assert sorted(got) == [
+        "import os\nfrom typing import List\n\n\ndef documented(xs: List[int]) -> int:\n    \"\"\"Sum of xs.\n\n"
+        "    >>> documented([1, 2])\n    3\n    \"\"\"\n",
+        "import os\nfrom typing import List\n\n\ndef method(self):\n    '''A method.'''\n"]
+    assert got == data.docstring_prompts(files, 10, chars=600, seed=0, exclude=["def median("])
+    short = data.docstring_prompts([src], 10, chars=60, seed=0)  # imports dropped from the end to fit
+    assert "import os\n\n\ndef method(self):\n    '''A method.'''\n" in short
+    assert all(len(p) <= 60 for p in short) and not any("documented" in p for p in short)
+    assert len(data.docstring_prompts([src], 1, seed=0)) == 1
+    with pytest.raises(ValueError, match="n=0"):
+        data.docstring_prompts([src], 0)

@@ -10,6 +10,7 @@ import torch
 
 from clp_fast.train import eagle as train_eagle_mod
 from clp_fast.train import eagle_eval
+from clp_fast.train.config import DATA_FIELDS
 from tests.conftest import tiny_model
 
 
@@ -26,7 +27,8 @@ DATA = dict(max_tokens=1600, heldout_tokens=300, window=48, skip_first=4, gen_pr
 def _train(model, tmp, name, cache_dir_name=None, **kw):
     from clp_fast.eval.data import stdlib_dir
 
-    data = {**DATA, "tokenizer": ByteTokenizer(), "corpus": [str(stdlib_dir() / "json")]}
+    data = {**DATA, "tokenizer": ByteTokenizer(), "corpus": [str(stdlib_dir() / "json")],
+            **{k: kw.pop(k) for k in list(kw) if k in DATA_FIELDS}}
     opts = dict(depth=3, batch_windows=4, lr=3e-3, warmup_steps=2, checkpoint_every=5, negatives=64, max_steps=12,
                 save_dtype=torch.float32)
     cache = tmp / (cache_dir_name or f"{name}-cache")
@@ -136,3 +138,52 @@ def test_cli_data_only_builds_the_cache_and_trains_nothing(tmp_path, monkeypatch
     assert list((tmp_path / "cache" / "tf").glob("shard-*.safetensors"))
     assert not (tmp_path / "cache" / train_eagle_mod.CKPT_NAME).exists()
     assert not (tmp_path / "out" / "drafter.safetensors").exists()
+
+
+def test_docstring_prompts_are_planned_and_continued_after_the_docstring(tmp_path):
+    """``prompt_style="docstring"``: the continuations start after a def and its docstring (HumanEval's shape),
+    and the shard marks the greedy part from there."""
+    from clp_fast.eval.data import stdlib_dir
+    from clp_fast.train import shards
+
+    src = tmp_path / "corpus" / "short.py"
+    src.parent.mkdir()
+    src.write_text("".join(f"def f{i}(x):\n    '''Doc {i}.'''\n    return x + {i}\n\n\n" for i in range(12)))
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    _train(model, tmp_path, "doc", data_only=True, gen_prompts=3, prompt_style="docstring", gen_new_tokens=6,
+           corpus=[str(stdlib_dir() / "json"), str(src.parent)])
+    plan = json.loads((tmp_path / "doc-cache" / "plan.json").read_text())
+    assert len(plan["gen"]) == 3 and len(plan["heldout"]) == DATA["heldout_prompts"]
+    for ids in plan["gen"] + plan["heldout"]:  # whole prompts: json's longer ones are skipped, not cut
+        text = bytes(ids).decode()
+        assert text.startswith("def f") and text.endswith("'''\n"), text
+    got = shards.load_shard(next((tmp_path / "doc-cache" / "gen").glob("shard-*.safetensors")))
+    lens = [len(p) for p in plan["gen"][: got["length"].shape[0]]]
+    assert got["gen_start"].tolist() == [n - 1 for n in lens]
+    assert all(int(n) > p for n, p in zip(got["length"], lens))  # the backbone's continuation follows
+
+
+def test_a_cache_from_before_a_new_data_field_is_kept(tmp_path):
+    """A run.json written before a data option existed holds that option's default: no re-plan, no rebuild."""
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    _train(model, tmp_path, "old", data_only=True)
+    cache = tmp_path / "old-cache"
+    run = json.loads((cache / "run.json").read_text())
+    del run["config"]["prompt_style"]
+    (cache / "run.json").write_text(json.dumps(run))
+    stamps = {p: p.stat().st_mtime_ns for p in [cache / "plan.json", *cache.rglob("shard-*.safetensors")]}
+    _train(model, tmp_path, "old", data_only=True, resume=True)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_gen_repeat_visits_continuation_shards_that_many_times_per_epoch():
+    cfg = train_eagle_mod.EagleTrainConfig(epochs=2, batch_windows=4, gen_repeat=3)
+    steps = train_eagle_mod._schedule([8, 5, 4], [False, True, False], cfg)
+    assert len(steps) == 2 * (2 + 3 * 2 + 1)
+    assert len(set(steps)) == len(steps)
+    for e in (0, 1):
+        assert sorted(r for ep, s, _, r in steps if ep == e and s == 1) == [0, 0, 1, 1, 2, 2]
+        assert {r for ep, s, _, r in steps if ep == e and s != 1} == {0}
+    assert steps == train_eagle_mod._schedule([8, 5, 4], [False, True, False], cfg)
+    with pytest.raises(ValueError, match="gen_repeat=0"):
+        train_eagle_mod.EagleTrainConfig(gen_repeat=0).validate()

@@ -6,7 +6,8 @@
 - :func:`prose_prompts` -- English prose from module docstrings of the running interpreter's
   standard library; for benchmarks only.
 - :func:`iter_corpus_files` / :func:`cut_prompts` -- windows of source code (by default the
-  stdlib) used as prompts for generating training data. :func:`humaneval_signatures` gives the
+  stdlib) used as prompts for generating training data; :func:`docstring_prompts` -- HumanEval-shaped
+  ones (imports, a ``def`` and its docstring, the body left to the model). :func:`humaneval_signatures` gives the
   strings to pass as ``exclude`` so that no HumanEval function ends up in training prompts.
 """
 
@@ -23,6 +24,7 @@ import random
 import re
 import shutil
 import sysconfig
+import textwrap
 import tokenize
 import zipfile
 from pathlib import Path
@@ -31,6 +33,7 @@ from clp_fast.models.fetch import clp_home, pip_download_wheels
 
 __all__ = [
     "cut_prompts",
+    "docstring_prompts",
     "humaneval_prompts",
     "humaneval_signatures",
     "iter_corpus_files",
@@ -219,6 +222,63 @@ def cut_prompts(
             if len(prompts) == n:
                 return prompts
     raise ValueError(f"only {len(prompts)} distinct prompts of ~{chars} chars could be cut from {len(files)} files")
+
+
+def _documented_functions(text: str, tree: ast.Module) -> list[str]:
+    """Every function in ``tree`` (parsed from ``text``) that has a docstring and a body after it, as source from
+    its ``def`` line through the docstring's closing line (dedented, ending in a newline)."""
+    lines = text.splitlines(keepends=True)
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+            continue
+        doc = node.body[0]
+        if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+            out.append(textwrap.dedent("".join(lines[node.lineno - 1 : doc.end_lineno])).rstrip() + "\n")
+    return out
+
+
+def _imports(text: str, tree: ast.Module) -> str:
+    """The module-level one-line ``import`` / ``from`` statements of ``tree`` (parsed from ``text``)."""
+    segs = [ast.get_source_segment(text, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return "".join(f"{s}\n" for s in segs if s and "\n" not in s)
+
+
+def docstring_prompts(
+    files: list[str | Path], n: int, chars: int = 600, seed: int = 0, *, exclude: list[str] | None = None
+) -> list[str]:
+    """Up to ``n`` HumanEval-shaped prompts from ``files``, the same for the same arguments.
+
+    Each is a documented function's ``def`` line(s) and docstring -- where the model is asked to write the
+    body, as in HumanEval -- after its file's one-line imports and two blank lines, the imports dropped from
+    the end while the prompt is over ``chars`` characters; functions whose ``def`` and docstring alone are over
+    ``chars``, and prompts holding a string of ``exclude``, are skipped. Fewer than ``n`` (possibly none) when
+    the files hold fewer such functions.
+    """
+    if n < 1 or chars < 40:
+        raise ValueError(f"need n >= 1 and chars >= 40, got n={n}, chars={chars}")
+    exclude = [s for s in (exclude or []) if s]
+    found = []
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8", errors="replace")
+        except OSError as err:
+            raise ValueError(f"cannot read corpus file {f}: {err}") from err
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        head = _imports(text, tree).splitlines(keepends=True)
+        for fn in _documented_functions(text, tree):
+            imports = head[:]
+            while imports and sum(map(len, imports)) + 2 + len(fn) > chars:
+                imports.pop()
+            prompt = ("".join(imports) + "\n\n" if imports else "") + fn
+            if len(prompt) <= chars and not any(s in prompt for s in exclude):
+                found.append(prompt)
+    found = sorted(set(found))
+    random.Random(seed).shuffle(found)
+    return found[:n]
 
 
 def _is_english_prose(text: str) -> bool:

@@ -60,7 +60,9 @@ def _check_resume(cache: Path, run_id: dict, grow: bool, progress: bool) -> None
         raise ValueError(f"cannot resume: the interrupted run in {cache} trained heads for another backbone "
                          f"(LM-head fingerprint {prev['fingerprint']}, [{prev['vocab']}, {prev['hidden']}]); this "
                          f"model has {run_id['fingerprint']}, [{run_id['vocab']}, {run_id['hidden']}]; use --overwrite")
-    old, new = prev["config"], run_id["config"]
+    # a field added since the cache was written had its default value then
+    old = {**dataclasses.asdict(TrainConfig()), "corpus": [], **prev["config"]}
+    new = run_id["config"]
     diff = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
     data_diff = sorted(set(diff) & set(DATA_FIELDS))
     if data_diff and not grow:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from clp_fast.train.config import HEAD_DESIGNS, TrainConfig
+from clp_fast.train.config import HEAD_DESIGNS, PROMPT_STYLES, TrainConfig
 
 # argparse dest -> TrainConfig field, for the options that map one to one
 _FIELDS = ("k", "max_tokens", "heldout_tokens", "gen_prompts", "heldout_prompts", "gen_new_tokens", "window",
            "epochs", "batch_size", "lr", "warmup_steps", "inconsistent_weight", "ce_negatives", "ce_weight",
            "kl_weight", "kl_topk", "reg_weight", "top_k", "head_design", "clp_precision", "draft_vocab", "dtype",
-           "checkpoint_every", "max_ram_gb", "seed", "gen_batch", "prefill_batch")
+           "checkpoint_every", "max_ram_gb", "seed", "gen_batch", "prefill_batch", "prompt_style")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--gen-prompts", type=int, default=d.gen_prompts, help="greedy continuations for training")
     a("--heldout-prompts", type=int, default=d.heldout_prompts, help="greedy continuations for CLP/accuracy")
     a("--gen-new-tokens", type=int, default=d.gen_new_tokens)
+    a("--prompt-style", choices=PROMPT_STYLES, default=d.prompt_style,
+      help="continuations' prompts: code windows, or HumanEval-shaped def + docstring (default %(default)s)")
     a("--gen-batch", type=int, default=d.gen_batch, help="batch of the greedy generation (default %(default)s)")
     a("--prefill-batch", type=int, default=d.prefill_batch, help="sequences per prefill (default %(default)s)")
     a("--window", type=int, default=d.window, help="tokens per teacher-forced window (default %(default)s)")

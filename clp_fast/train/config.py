@@ -20,11 +20,14 @@ PLAN_NAME = "plan.json"
 KINDS = ("heldout_tf", "tf", "gen", "heldout")
 TRAIN_KINDS = ("tf", "gen")
 HEAD_DESIGNS = ("medusa1", "medusa1+token", "medusa2")
+# Where the greedy continuations start: "window" -- a window of code from a def/class line (cut_prompts);
+# "docstring" -- HumanEval-shaped, a function's def and docstring with the body left to the model.
+PROMPT_STYLES = ("window", "docstring")
 # Options that shape the cached data; the others only shape training, so a resumed run may change them
 # (the heads are then retrained from step 0 on the cached hidden states).
 DATA_FIELDS = ("max_tokens", "heldout_tokens", "window", "skip_first", "gen_prompts", "heldout_prompts",
-               "gen_new_tokens", "prompt_chars", "prefill_batch", "gen_batch", "max_ram_gb", "seed", "dtype",
-               "stdlib", "corpus", "top_k")
+               "gen_new_tokens", "prompt_chars", "prompt_style", "prefill_batch", "gen_batch", "max_ram_gb", "seed",
+               "dtype", "stdlib", "corpus", "top_k")
 
 
 @dataclasses.dataclass
@@ -40,6 +43,7 @@ class TrainConfig:
     heldout_prompts: int = 96  # greedy continuations from held-out files (accuracy, CLP, gate)
     gen_new_tokens: int = 96
     prompt_chars: int = 600
+    prompt_style: str = "window"  # PROMPT_STYLES: how the continuations' prompts (training and held-out) are cut
     top_k: int = 32  # soft targets cached per position: the backbone's top-k ids and log-probabilities
     epochs: int = 2
     batch_size: int = 512
@@ -85,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"clp_precision={self.clp_precision!r} must be in (0, 1)")
         if self.max_ram_gb <= 0:
             raise ValueError(f"max_ram_gb={self.max_ram_gb!r} must be positive")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style={self.prompt_style!r} must be one of {PROMPT_STYLES}")
         if self.head_design not in HEAD_DESIGNS:
             raise ValueError(f"head_design={self.head_design!r} must be one of {HEAD_DESIGNS}")
         for name in ("ce_weight", "kl_weight", "reg_weight"):

@@ -63,11 +63,12 @@ class EagleTrainConfig:
     # ``init``): no step, only the card's held-out numbers and a CLP fitted for the saved drafter's weights
     init: str | None = None  # a saved drafter to start from (training on, e.g. over a grown cache); None: fresh
     clp_precision: float = 0.99  # the CLP's saved threshold: the smallest at which every depth reaches this
+    gen_repeat: int = 1  # visits of each greedy-continuation shard per epoch (the teacher-forced ones: one)
     amp: str = "auto"  # "bf16": matmuls under CPU autocast (fp32 master weights, fp32 losses); "off"; "auto":
     # bf16 where oneDNN runs bf16 natively (AVX-512 BF16 / AMX; ~1.8x per step measured on Zen 5), else off
 
     def validate(self) -> None:
-        for name in ("depth", "epochs", "batch_windows", "kl_topk", "checkpoint_every"):
+        for name in ("depth", "epochs", "batch_windows", "kl_topk", "checkpoint_every", "gen_repeat"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive int")
@@ -187,12 +188,15 @@ def _windows(paths: list[Path]) -> list[int]:
     return sizes
 
 
-def _schedule(sizes: list[int], cfg: EagleTrainConfig) -> list[tuple[int, int, int]]:
-    """Every step's (epoch, shard, batch-in-shard): a pure function of the seed."""
+def _schedule(sizes: list[int], gen: list[bool], cfg: EagleTrainConfig) -> list[tuple[int, int, int, int]]:
+    """Every step's (epoch, shard, batch-in-shard, visit): a pure function of the seed. Shard ``s`` is visited
+    ``cfg.gen_repeat`` times per epoch where ``gen[s]`` (a greedy-continuation shard), else once."""
     steps = []
+    visits = [(s, r) for s in range(len(sizes)) for r in range(cfg.gen_repeat if gen[s] else 1)]
     for e in range(cfg.epochs):
-        for s in torch.randperm(len(sizes), generator=seeded(cfg.seed, "eagle", e)).tolist():
-            steps += [(e, s, b) for b in range(math.ceil(sizes[s] / cfg.batch_windows))]
+        for i in torch.randperm(len(visits), generator=seeded(cfg.seed, "eagle", e)).tolist():
+            s, r = visits[i]
+            steps += [(e, s, b, r) for b in range(math.ceil(sizes[s] / cfg.batch_windows))]
     return steps if cfg.max_steps is None else steps[: cfg.max_steps]
 
 
@@ -213,11 +217,12 @@ def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, 
     (``checkpoint``, default ``cache / CKPT_NAME``; runs of other options over one cache each need their own)."""
     from clp_fast.heads import lm_head_fingerprint
 
-    paths = [p for kind in TRAIN_KINDS for p in shard_paths(cache, kind)]
+    kinds = [(kind, p) for kind in TRAIN_KINDS for p in shard_paths(cache, kind)]
+    paths = [p for _, p in kinds]
     if not paths:
         raise ValueError(f"no training shards in {cache}: build the data first")
     sizes = _windows(paths)
-    steps = _schedule(sizes, cfg)
+    steps = _schedule(sizes, [kind == "gen" for kind, _ in kinds], cfg)
     W = model.get_output_embeddings().weight.detach().float()
     embed = model.get_input_embeddings()
     fingerprint = lm_head_fingerprint(W)
@@ -237,10 +242,10 @@ def fit_eagle(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainConfig, 
     bar = tqdm(total=len(steps), initial=step, desc="eagle", unit="step", disable=not progress, dynamic_ncols=True)
     drafter.train()
     while step < len(steps):
-        e, s, b = steps[step]
+        e, s, b, r = steps[step]
         if s != cur:
             data, cur = load_shard(paths[s]), s
-        perm = torch.randperm(sizes[s], generator=seeded(cfg.seed, "eagle", e, s))
+        perm = torch.randperm(sizes[s], generator=seeded(cfg.seed, "eagle", e, s, *([r] if r else [])))
         sel = perm[b * cfg.batch_windows : (b + 1) * cfg.batch_windows]
         batch = {key: data[key][sel] for key in ("hidden", "tokens", "top_ids", "top_logp", "length", "start")}
         L = int(batch["length"].max())
@@ -398,6 +403,8 @@ def add_eagle_arguments(parser) -> None:
            "drafter and fit its CLP")
     a("--eagle-init", metavar="DIR", default=None,
       help="start from this saved drafter (train on over a grown cache) instead of fresh weights")
+    a("--eagle-gen-repeat", type=int, default=d.gen_repeat,
+      help="visits of each greedy-continuation shard per epoch (teacher-forced shards: one; default %(default)s)")
     a("--eagle-amp", choices=AMP_MODES, default=d.amp,
       help="bf16 autocast for the training step (fp32 master weights); auto: where the CPU runs bf16 natively")
 
@@ -411,7 +418,7 @@ def run_train_eagle(args) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     data_keys = ("max_tokens", "heldout_tokens", "gen_prompts", "heldout_prompts", "gen_new_tokens", "window",
-                 "top_k", "max_ram_gb", "seed", "gen_batch", "prefill_batch", "dtype")
+                 "top_k", "max_ram_gb", "seed", "gen_batch", "prefill_batch", "dtype", "prompt_style")
     data = {k: getattr(args, k) for k in data_keys if k in _FIELDS}
     data.update(tokenizer=tokenizer, corpus=args.corpus, stdlib=not args.no_stdlib, backbone=args.model)
     got = train_eagle(model, args.out, cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite,
@@ -419,7 +426,8 @@ def run_train_eagle(args) -> int:
                 depth=args.eagle_depth, batch_windows=args.eagle_batch_windows, lr=args.eagle_lr,
                 reg_weight=args.eagle_reg_weight, max_steps=args.eagle_max_steps, epochs=args.epochs,
                 draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                init=args.eagle_init, amp=args.eagle_amp, data_only=args.data_only)
+                init=args.eagle_init, amp=args.eagle_amp, gen_repeat=args.eagle_gen_repeat,
+                data_only=args.data_only)
     if args.data_only:
         print(json.dumps(got, indent=1))
     return 0

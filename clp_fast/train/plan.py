@@ -7,6 +7,7 @@ sees a training window's file. HumanEval function names are passed to
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from pathlib import Path
@@ -60,12 +61,16 @@ def make_plan(files: list[Path], tokenizer, cfg: TrainConfig, exclude: list[str]
     max_prompt = max(8, cfg.window - cfg.gen_new_tokens)
 
     def prompts(fs, n, seed):
-        out = []
-        for text in _cut(fs, n, cfg.prompt_chars, seed, exclude) if n else []:
-            ids = encode(tokenizer, text)[-max_prompt:]
-            if ids:
-                out.append(ids)
-        return out
+        if not n:
+            return []
+        if cfg.prompt_style == "docstring":  # whole prompts only: one over max_prompt tokens is skipped
+            from clp_fast.eval.data import docstring_prompts
+
+            texts = docstring_prompts(fs, 1 << 30, cfg.prompt_chars, seed, exclude=exclude)
+            ids = (encode(tokenizer, t) for t in texts)
+            return list(itertools.islice((p for p in ids if 0 < len(p) <= max_prompt), n))
+        ids = (encode(tokenizer, text)[-max_prompt:] for text in _cut(fs, n, cfg.prompt_chars, seed, exclude))
+        return [p for p in ids if p]
 
     return {"tf": _windows(train_files, tokenizer, cfg, cfg.max_tokens, cfg.seed, exclude),
             "heldout_tf": _windows(held_files, tokenizer, cfg, cfg.heldout_tokens, cfg.seed + 3, exclude),
