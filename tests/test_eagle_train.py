@@ -41,6 +41,8 @@ def test_training_resumes_to_the_same_weights_after_a_kill(tmp_path, monkeypatch
     ref = _train(model, tmp_path, "ref")
     card = json.loads((tmp_path / "ref" / "training_card.json").read_text())
     assert card["heldout"]["positions"] > 0 and len(card["heldout"]["acc"]) == 3
+    assert card["heldout_continuations"]["kind"] == "heldout (greedy part)"
+    assert 0 < card["heldout_continuations"]["positions"] < DATA["heldout_prompts"] * DATA["gen_new_tokens"]
     losses = [row[1] for row in card["loss_history"]]
     assert losses[-1] < losses[0], losses  # it trained
     cal = ref.extra["calibration"]  # its priors: measured on the held-out windows the card reports
@@ -161,6 +163,16 @@ def test_docstring_prompts_are_planned_and_continued_after_the_docstring(tmp_pat
     lens = [len(p) for p in plan["gen"][: got["length"].shape[0]]]
     assert got["gen_start"].tolist() == [n - 1 for n in lens]
     assert all(int(n) > p for n, p in zip(got["length"], lens))  # the backbone's continuation follows
+    held = shards.load_shard(next((tmp_path / "doc-cache" / "heldout").glob("shard-*.safetensors")))
+
+    def argmax_guesses(data, w, L):  # always right: every masked-in position counts once
+        am = data["argmax"][w, :L].long()
+        return torch.stack([am[(torch.arange(L - 1) + j).clamp(max=L - 1)] for j in (1, 2)], 1)
+
+    for greedy_only, first in ((False, held["start"]), (True, held["gen_start"])):
+        ev = eagle_eval.heldout_accuracy(tmp_path / "doc-cache", 2, argmax_guesses, "heldout", greedy_only=greedy_only)
+        want = sum(max(0, int(n) - 2 - int(f)) for n, f in zip(held["length"], first))  # anchors f .. L - 3
+        assert ev["positions"] == want and ev["tau"] == 3.0, (ev, want)
 
 
 def test_a_cache_from_before_a_new_data_field_is_kept(tmp_path):

@@ -328,16 +328,22 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
     for p in model.parameters():
         p.requires_grad_(False)
     drafter = _first_drafter(model, cfg, backbone)
+    def continuations():  # the held-out prompts' greedy parts: the text a decode step drafts for
+        return evaluate_eagle(drafter, model, cache, cfg.depth, kind="heldout", greedy_only=True)
+
     before = None if cfg.init is None else evaluate_eagle(drafter, model, cache, cfg.depth)  # the card's "before"
+    cont_before = None if cfg.init is None else continuations()
     fit = fit_eagle(drafter, model, cache, cfg, progress)
-    ev = evaluate_eagle(drafter, model, cache, cfg.depth)
+    ev, cont = evaluate_eagle(drafter, model, cache, cfg.depth), continuations()
     log(f"held-out per-depth top-1 {ev.get('acc')} chain {ev.get('chain')} tau {ev.get('tau')}", progress)
     clp = fit_drafter_clp(drafter, model, cache, cfg, progress)
     card = {"command": command, "config": dataclasses.asdict(cfg), "data": data_stats, "data_seconds": data_seconds,
             "fit": {k: v for k, v in fit.items() if k != "loss_history"}, "loss_history": fit["loss_history"],
-            "heldout": ev, "clp": clp, "wall_seconds": time.perf_counter() - t_start}
+            "heldout": ev, "heldout_continuations": _strip(cont), "clp": clp,
+            "wall_seconds": time.perf_counter() - t_start}
     if before is not None:
-        card["heldout_at_init"] = {k: v for k, v in before.items() if k != "calibration"}
+        card["heldout_at_init"] = _strip(before)
+        card["heldout_continuations_at_init"] = _strip(cont_before)
     drafter.extra = {"training": {"command": command, "heldout": {k: v for k, v in ev.items() if k != "calibration"},
                                   "steps": fit["steps"], "init": cfg.init}}
     if "calibration" in ev:  # the drafter's priors in the decode loop (EagleSource)
@@ -348,6 +354,10 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
     if (cache / CKPT_NAME).is_file():
         (cache / CKPT_NAME).unlink()
     return EagleDrafter.from_pretrained(out_dir, model=model)
+
+
+def _strip(ev: dict) -> dict:
+    return {k: v for k, v in ev.items() if k != "calibration"}
 
 
 def _first_drafter(model, cfg: EagleTrainConfig, backbone: str | None) -> EagleDrafter:
@@ -383,6 +393,11 @@ def _card_md(card: dict) -> str:
         lines += [f"| {r['depth']} | {'–' if r['precision'] is None else round(r['precision'], 3)} | "
                   f"{'–' if r['recall'] is None else round(r['recall'], 3)} |" for r in c["per_depth"]]
         lines += [""]
+    cont, cont0 = card.get("heldout_continuations", {}), card.get("heldout_continuations_at_init", {})
+    if cont.get("positions"):
+        lines += [f"Held-out greedy continuations ({cont['positions']} positions, the greedy part after each prompt): "
+                  f"top-1 {' / '.join(f'{a:.3f}' for a in cont['acc'])}, chain tau {cont['tau']:.3f}"
+                  + (f" (at init {cont0['tau']:.3f})" if cont0.get("positions") else "") + ".", ""]
     if card.get("heldout_at_init", {}).get("positions"):
         b = card["heldout_at_init"]
         lines += [f"Started from `{card['config']['init']}`: on the same held-out positions it had top-1 "

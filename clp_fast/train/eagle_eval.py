@@ -19,12 +19,14 @@ CALIB_PSEUDO = 4.0  # pseudo-counts at a bin's midpoint: a bin seen a few times 
 
 
 @torch.no_grad()
-def heldout_accuracy(cache: Path, depth: int, guesses, kind: str = "heldout_tf", max_windows: int = 64) -> dict:
+def heldout_accuracy(cache: Path, depth: int, guesses, kind: str = "heldout_tf", max_windows: int = 64,
+                     greedy_only: bool = False) -> dict:
     """Per-depth top-1 agreement with the backbone's argmax over the first ``max_windows`` windows of ``kind``
-    shards. ``guesses(data, w, L)`` gives anchor ``i``'s depth-``j`` guess of the token after ``i + j`` as a
-    ``[L - 1, depth]`` id tensor (a drafter's, or the heads'), or a pair (ids, their probabilities). Returns
-    ``acc[j-1]`` = P(depth-j guess right), ``chain[j-1]`` = P(depths 1..j all right) and ``tau = 1 + sum(chain)``;
-    given probabilities, also ``calibration`` (:func:`calibration_table`)."""
+    shards (from each window's ``start``, or with ``greedy_only`` from its ``gen_start``: a continuation's greedy
+    part, its prompt left out). ``guesses(data, w, L)`` gives anchor ``i``'s depth-``j`` guess of the token after
+    ``i + j`` as a ``[L - 1, depth]`` id tensor (a drafter's, or the heads'), or a pair (ids, their probabilities).
+    Returns ``acc[j-1]`` = P(depth-j guess right), ``chain[j-1]`` = P(depths 1..j all right) and ``tau = 1 +
+    sum(chain)``; given probabilities, also ``calibration`` (:func:`calibration_table`)."""
     right, chain_right, count, seen = torch.zeros(depth), torch.zeros(depth), 0, 0
     binned = torch.zeros(2, depth, CALIB_BINS)  # [hits, seen] of a guess whose parents were right, per prob bin
     for p in shard_paths(cache, kind):
@@ -36,7 +38,7 @@ def heldout_accuracy(cache: Path, depth: int, guesses, kind: str = "heldout_tf",
         for w in range(n):
             L = int(data["length"][w])
             i = torch.arange(L - 1)
-            ok = (i >= int(data["start"][w])) & (i + depth <= L - 1)
+            ok = (i >= int(data["gen_start" if greedy_only else "start"][w])) & (i + depth <= L - 1)
             if not bool(ok.any()):
                 continue
             am = data["argmax"][w, :L].long()
@@ -52,7 +54,8 @@ def heldout_accuracy(cache: Path, depth: int, guesses, kind: str = "heldout_tf",
     if count == 0:
         return {"positions": 0}
     acc, chain = (right / count).tolist(), (chain_right / count).tolist()
-    out = {"positions": count, "kind": kind, "acc": acc, "chain": chain, "tau": 1 + sum(chain)}
+    out = {"positions": count, "kind": kind + (" (greedy part)" if greedy_only else ""), "acc": acc, "chain": chain,
+           "tau": 1 + sum(chain)}
     if binned[1].sum() > 0:
         out["calibration"] = calibration_table(binned)
     return out
@@ -109,7 +112,7 @@ def fit_drafter_clp(drafter: EagleDrafter, model, cache: Path, cfg: EagleTrainCo
 
 
 def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: str = "heldout_tf",
-                   max_windows: int = 64) -> dict:
+                   max_windows: int = 64, greedy_only: bool = False) -> dict:
     """:func:`heldout_accuracy` of the drafter, unrolled ``depth`` times over teacher-forced tokens and fed its own
     features (``tau`` is then a greedy chain's expected tokens per step where the text is the backbone's own)."""
     W = model.get_output_embeddings().weight.detach()
@@ -122,4 +125,4 @@ def evaluate_eagle(drafter: EagleDrafter, model, cache: Path, depth: int, kind: 
         ids = torch.stack([lg.argmax(-1) for lg in logits], 1)
         return ids, torch.stack([torch.softmax(lg, -1).amax(-1) for lg in logits], 1)
 
-    return heldout_accuracy(cache, depth, guesses, kind, max_windows)
+    return heldout_accuracy(cache, depth, guesses, kind, max_windows, greedy_only)
