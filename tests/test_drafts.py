@@ -128,3 +128,16 @@ def test_without_heads_the_sources_alone_draft(oracle, call):
     if call == "generate":
         with pytest.raises(ValueError, match="heads=False: mode='clp' needs MTP heads"):
             fn(model, ids, False, attention_mask=mask, max_new_tokens=4, mode="clp", eos_token_id=[], pad_token_id=0)
+
+
+def test_drafts_without_heads_get_prompt_lookup_by_default(oracle):
+    """Lossless mode, heads=False and drafts: prompt lookup (LOOKUP_WIDTH) joins them unless prompt_lookup says
+    otherwise; clp mode keeps its one unverified source."""
+    model, ids, mask, want, _ = oracle
+    kw = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=[], pad_token_id=0, drafts=["oracle"],
+              return_stats=True)
+    got, st = clp_fast.generate(model, ids, False, mode="lossless", **kw)
+    assert_equal_ids(got, want[:, : ids.shape[1] + 8])
+    assert [s["source"] for s in st.sources] == ["PromptLookup", "ContinuationSource"]
+    _, st = clp_fast.generate(model, ids, False, mode="lossless", prompt_lookup=0, **kw)
+    assert [s["source"] for s in st.sources] == ["ContinuationSource"]

@@ -102,7 +102,8 @@ def generate(
         policy: ``"clp"`` (the CLP linear layer) or ``"gate"`` (the ~1M-parameter baseline).
         prompt_lookup: lossless mode only: up to this many guesses copied from the context where
             its last tokens occurred before (:mod:`clp_fast.drafts.lookup`), offered beside the heads'
-            guesses; 0 disables; None → ``max(k, LOOKUP_WIDTH)`` in lossless mode, else 0.
+            guesses; 0 disables; None → in lossless mode ``max(k, LOOKUP_WIDTH)`` with heads, ``LOOKUP_WIDTH``
+            with ``drafts`` alone (the drafter + lookup pair measured fastest on HumanEval), else 0.
         max_step_tokens: lossless mode: cap on the tokens one forward feeds over all unfinished rows; None or
             0 = no cap. With ``speculation="fixed"`` each row gets ``max(1, max_step_tokens // rows - 1)``
             guesses at most (:data:`MAX_STEP_TOKENS` is the measured choice for the 2-core CPU); with
@@ -139,7 +140,7 @@ def generate(
     heads = _resolve_heads(model, heads, mode, drafts)
     threshold = _threshold(heads, mode, policy, clp_threshold)
     if prompt_lookup is None:
-        prompt_lookup = max(heads.k, LOOKUP_WIDTH) if (mode == "lossless" and heads is not None) else 0
+        prompt_lookup = _default_lookup(heads, drafts) if mode == "lossless" else 0
     _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, policy, threshold, prompt_lookup,
                   max_step_tokens)
     _check_speculation(speculation, cost_model)
@@ -215,7 +216,7 @@ def generate_processed(
     heads = _resolve_heads(model, heads, mode, drafts) if mode == "lossless" else None
     threshold = heads.thresholds.get("lossless", 0.0) if heads is not None else 0.5
     if prompt_lookup is None:
-        prompt_lookup = max(heads.k, LOOKUP_WIDTH) if heads is not None else 0
+        prompt_lookup = _default_lookup(heads, drafts) if mode == "lossless" else 0
     _check_inputs(model, bb, heads, input_ids, attention_mask, max_new_tokens, mode, "clp", threshold, prompt_lookup,
                   max_step_tokens)
     _check_speculation(speculation, None)
@@ -267,6 +268,13 @@ def _check_speculation(speculation: str, cost_model) -> None:
         raise ValueError(f"speculation={speculation!r} is not one of {SPECULATION}")
     if cost_model is not None and not isinstance(cost_model, StepCost):
         raise TypeError(f"cost_model must be a clp_fast.engine.cost.StepCost or None, got {type(cost_model).__name__}")
+
+
+def _default_lookup(heads, drafts) -> int:
+    """Prompt lookup's width when the caller leaves it to us (lossless mode): beside any other draft source."""
+    if heads is not None:
+        return max(heads.k, LOOKUP_WIDTH)
+    return LOOKUP_WIDTH if drafts else 0
 
 
 def _sources(bb, heads, mode, policy, threshold, calib, top_m, prompt_lookup, adaptive, drafts) -> list:
