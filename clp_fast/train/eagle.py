@@ -328,6 +328,7 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
     for p in model.parameters():
         p.requires_grad_(False)
     drafter = _first_drafter(model, cfg, backbone)
+
     def continuations():  # the held-out prompts' greedy parts: the text a decode step drafts for
         return evaluate_eagle(drafter, model, cache, cfg.depth, kind="heldout", greedy_only=True)
 
@@ -344,7 +345,7 @@ def train_eagle(model, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLi
     if before is not None:
         card["heldout_at_init"] = _strip(before)
         card["heldout_continuations_at_init"] = _strip(cont_before)
-    drafter.extra = {"training": {"command": command, "heldout": {k: v for k, v in ev.items() if k != "calibration"},
+    drafter.extra = {"training": {"command": command, "heldout": _strip(ev),
                                   "steps": fit["steps"], "init": cfg.init}}
     if "calibration" in ev:  # the drafter's priors in the decode loop (EagleSource)
         drafter.extra["calibration"] = ev["calibration"]
