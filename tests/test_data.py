@@ -162,5 +162,6 @@ def test_docstring_prompts_end_after_the_docstring(tmp_path):
     assert "import os\n\n\ndef method(self):\n    '''A method.'''\n" in short
     assert all(len(p) <= 60 for p in short) and not any("documented" in p for p in short)
     assert len(data.docstring_prompts([src], 1, seed=0)) == 1
+    assert sorted(data.docstring_prompts(files, None, seed=0, exclude=["def median("])) == sorted(got)  # None: all
     with pytest.raises(ValueError, match="n=0"):
         data.docstring_prompts([src], 0)

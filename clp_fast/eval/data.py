@@ -169,6 +169,13 @@ def iter_corpus_files(paths: list[str | Path] | None = None, *, stdlib: bool = T
     return sorted(files)
 
 
+def _read_corpus_file(f: str | Path) -> str:
+    try:
+        return Path(f).read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise ValueError(f"cannot read corpus file {f}: {err}") from err
+
+
 def cut_prompts(
     files: list[str | Path], n: int, chars: int = 600, seed: int = 0, *, exclude: list[str] | None = None
 ) -> list[str]:
@@ -184,12 +191,7 @@ def cut_prompts(
     if n < 1 or chars < 40:
         raise ValueError(f"need n >= 1 and chars >= 40, got n={n}, chars={chars}")
     exclude = [s for s in (exclude or []) if s]
-    texts = []
-    for f in files:
-        try:
-            texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
-        except OSError as err:
-            raise ValueError(f"cannot read corpus file {f}: {err}") from err
+    texts = [_read_corpus_file(f) for f in files]
 
     def window(ti: int, start: int) -> str | None:
         text = texts[ti][start : start + chars]
@@ -245,9 +247,9 @@ def _imports(text: str, tree: ast.Module) -> str:
 
 
 def docstring_prompts(
-    files: list[str | Path], n: int, chars: int = 600, seed: int = 0, *, exclude: list[str] | None = None
+    files: list[str | Path], n: int | None, chars: int = 600, seed: int = 0, *, exclude: list[str] | None = None
 ) -> list[str]:
-    """Up to ``n`` HumanEval-shaped prompts from ``files``, the same for the same arguments.
+    """Up to ``n`` (None: all) HumanEval-shaped prompts from ``files``, the same for the same arguments.
 
     Each is a documented function's ``def`` line(s) and docstring -- where the model is asked to write the
     body, as in HumanEval -- after its file's one-line imports and two blank lines, the imports dropped from
@@ -255,15 +257,12 @@ def docstring_prompts(
     ``chars``, and prompts holding a string of ``exclude``, are skipped. Fewer than ``n`` (possibly none) when
     the files hold fewer such functions.
     """
-    if n < 1 or chars < 40:
+    if (n is not None and n < 1) or chars < 40:
         raise ValueError(f"need n >= 1 and chars >= 40, got n={n}, chars={chars}")
     exclude = [s for s in (exclude or []) if s]
     found = []
     for f in files:
-        try:
-            text = Path(f).read_text(encoding="utf-8", errors="replace")
-        except OSError as err:
-            raise ValueError(f"cannot read corpus file {f}: {err}") from err
+        text = _read_corpus_file(f)
         try:
             tree = ast.parse(text)
         except (SyntaxError, ValueError):
@@ -278,7 +277,7 @@ def docstring_prompts(
                 found.append(prompt)
     found = sorted(set(found))
     random.Random(seed).shuffle(found)
-    return found[:n]
+    return found if n is None else found[:n]
 
 
 def _is_english_prose(text: str) -> bool:

@@ -66,7 +66,7 @@ def make_plan(files: list[Path], tokenizer, cfg: TrainConfig, exclude: list[str]
         if cfg.prompt_style == "docstring":  # whole prompts only: one over max_prompt tokens is skipped
             from clp_fast.eval.data import docstring_prompts
 
-            texts = docstring_prompts(fs, 1 << 30, cfg.prompt_chars, seed, exclude=exclude)
+            texts = docstring_prompts(fs, None, cfg.prompt_chars, seed, exclude=exclude)
             ids = (encode(tokenizer, t) for t in texts)
             return list(itertools.islice((p for p in ids if 0 < len(p) <= max_prompt), n))
         ids = (encode(tokenizer, text)[-max_prompt:] for text in _cut(fs, n, cfg.prompt_chars, seed, exclude))
