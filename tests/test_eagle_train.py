@@ -90,6 +90,23 @@ def test_training_on_from_a_saved_drafter_starts_at_its_weights(tmp_path):
         _train(model, tmp_path, "bad2", init="/nowhere")
 
 
+def test_a_narrower_mlp_is_trained_saved_and_loaded_at_its_width(tmp_path):
+    """``intermediate_size``: the drafter's MLP is that wide (not the backbone's), its saved config says so and it
+    loads back at that width; training on from it at another width, or a width of 0, is named."""
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    assert model.config.intermediate_size != 24
+    got = _train(model, tmp_path, "narrow", intermediate_size=24, max_steps=2)
+    assert got.intermediate_size == 24
+    assert got.layer.mlp.up_proj.weight.shape == (24, model.config.hidden_size)
+    assert got.layer.mlp.down_proj.weight.shape == (model.config.hidden_size, 24)
+    assert json.loads((tmp_path / "narrow" / "config.json").read_text())["intermediate_size"] == 24
+    with pytest.raises(ValueError, match="intermediate_size=32 differs"):
+        _train(model, tmp_path, "bad", init=str(tmp_path / "narrow"), intermediate_size=32,
+               cache_dir_name="narrow-cache")
+    with pytest.raises(ValueError, match="intermediate_size=0 must be"):
+        _train(model, tmp_path, "bad2", intermediate_size=0, cache_dir_name="narrow-cache")
+
+
 def test_zero_steps_from_a_saved_drafter_only_refits_its_clp(tmp_path):
     """``init=DIR, max_steps=0`` (``--eagle-init DIR --eagle-max-steps 0``): the saved weights unchanged, the card's
     held-out numbers those of DIR, a CLP fitted and saved; without ``init`` it is refused, naming the value."""

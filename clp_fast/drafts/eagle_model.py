@@ -157,8 +157,9 @@ class EagleDrafter(nn.Module):
 
     @classmethod
     def for_model(cls, model, *, draft_vocab: int | None = None, backbone: str = "", init: str = "identity",
-                  std: float = 0.02) -> EagleDrafter:
-        """A drafter shaped like ``model``'s decoder layers (a loaded Qwen2 / Llama causal LM).
+                  std: float = 0.02, intermediate_size: int | None = None) -> EagleDrafter:
+        """A drafter shaped like ``model``'s decoder layers (a loaded Qwen2 / Llama causal LM); its MLP
+        ``intermediate_size`` wide (None: the backbone's).
 
         ``init="identity"``: ``f_t = h_t`` at first (``fc`` passes the feature, attention and MLP outputs are
         zero), so an untrained drafter guesses what the backbone just chose; ``"random"``: every weight
@@ -178,7 +179,8 @@ class EagleDrafter(nn.Module):
         W = model.get_output_embeddings().weight
         head_dim = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
         bias = model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2: biased q/k/v, Llama: not
-        d = cls(H, W.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.intermediate_size,
+        inter = cfg.intermediate_size if intermediate_size is None else intermediate_size
+        d = cls(H, W.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, inter,
                 cfg.rms_norm_eps, theta, bias, draft_vocab=draft_vocab, backbone=backbone,
                 fingerprint=lm_head_fingerprint(W))
         with torch.no_grad():

@@ -64,6 +64,8 @@ class EagleTrainConfig:
     init: str | None = None  # a saved drafter to start from (training on, e.g. over a grown cache); None: fresh
     clp_precision: float = 0.99  # the CLP's saved threshold: the smallest at which every depth reaches this
     gen_repeat: int = 1  # visits of each greedy-continuation shard per epoch (the teacher-forced ones: one)
+    intermediate_size: int | None = None  # the drafter's MLP width; None: the backbone's (a narrower one keeps a
+    # 1.5B drafter's int8 weights under 20 MB)
     amp: str = "auto"  # "bf16": matmuls under CPU autocast (fp32 master weights, fp32 losses); "off"; "auto":
     # bf16 where oneDNN runs bf16 natively (AVX-512 BF16 / AMX; ~1.8x per step measured on Zen 5), else off
 
@@ -85,6 +87,10 @@ class EagleTrainConfig:
         if self.lr <= 0 or self.reg_weight < 0 or self.negatives < 0:
             raise ValueError(f"lr={self.lr!r} must be > 0, reg_weight={self.reg_weight!r} and "
                              f"negatives={self.negatives!r} >= 0")
+        if self.intermediate_size is not None and (isinstance(self.intermediate_size, bool)
+                                                   or not isinstance(self.intermediate_size, int)
+                                                   or self.intermediate_size <= 0):
+            raise ValueError(f"intermediate_size={self.intermediate_size!r} must be None or a positive int")
         if self.init is not None and not Path(self.init).is_dir():
             raise FileNotFoundError(f"init={self.init!r}: no such drafter folder")
 
@@ -365,12 +371,15 @@ def _first_drafter(model, cfg: EagleTrainConfig, backbone: str | None) -> EagleD
     """The weights training starts from (fp32): ``cfg.init``'s saved drafter, else a fresh one (seeded)."""
     torch.manual_seed(cfg.seed)
     if cfg.init is None:
-        return EagleDrafter.for_model(model, draft_vocab=cfg.draft_vocab,
+        return EagleDrafter.for_model(model, draft_vocab=cfg.draft_vocab, intermediate_size=cfg.intermediate_size,
                                       backbone=backbone or str(getattr(model.config, "_name_or_path", ""))).float()
     drafter = EagleDrafter.from_pretrained(cfg.init, model=model)
     if cfg.draft_vocab is not None and cfg.draft_vocab != drafter.draft_vocab:
         raise ValueError(f"draft_vocab={cfg.draft_vocab} differs from the draft vocabulary of init={cfg.init!r} "
                          f"({drafter.draft_vocab})")
+    if cfg.intermediate_size is not None and cfg.intermediate_size != drafter.intermediate_size:
+        raise ValueError(f"intermediate_size={cfg.intermediate_size} differs from the MLP width of "
+                         f"init={cfg.init!r} ({drafter.intermediate_size})")
     return drafter.float()
 
 
@@ -421,6 +430,8 @@ def add_eagle_arguments(parser) -> None:
       help="start from this saved drafter (train on over a grown cache) instead of fresh weights")
     a("--eagle-gen-repeat", type=int, default=d.gen_repeat,
       help="visits of each greedy-continuation shard per epoch (teacher-forced shards: one; default %(default)s)")
+    a("--eagle-intermediate", type=int, default=None, metavar="N",
+      help="the drafter's MLP width (default: the backbone's)")
     a("--eagle-amp", choices=AMP_MODES, default=d.amp,
       help="bf16 autocast for the training step (fp32 master weights); auto: where the CPU runs bf16 natively")
 
@@ -443,7 +454,7 @@ def run_train_eagle(args) -> int:
                 reg_weight=args.eagle_reg_weight, max_steps=args.eagle_max_steps, epochs=args.epochs,
                 draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every, seed=args.seed,
                 init=args.eagle_init, amp=args.eagle_amp, gen_repeat=args.eagle_gen_repeat,
-                data_only=args.data_only)
+                intermediate_size=args.eagle_intermediate, data_only=args.data_only)
     if args.data_only:
         print(json.dumps(got, indent=1))
     return 0
