@@ -50,12 +50,23 @@ $(VLLM_STAMP):
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-# vLLM's plain greedy and n-gram speculation on `make bench`'s prompts (written by run_bench.py --write-prompts),
-# 2 cores; rows land in bench/results/vllm-*.json, which the next `make bench` report shows.
+# vLLM's plain greedy, its n-gram speculation, and our shipped heads and drafter served by vLLM (written by
+# `clp-fast export --format vllm` into build/vllm-exports: Medusa and EAGLE layouts), on `make bench`'s prompts
+# (run_bench.py --write-prompts), 2 cores; rows land in bench/results/vllm-*.json, which the next `make bench`
+# report shows. VLLM_DTYPE=fp32 on a CPU without AVX-512 BF16 (vLLM's bf16 linears fall back to plain torch there);
+# VLLM_ARGS="--max-prompts 1 --max-new-tokens 16" is a smoke run.
+VLLM_MODEL ?= qwen2.5-coder-0.5b-instruct
+VLLM_DTYPE ?= bf16
+VLLM_EXPORTS := build/vllm-exports/$(VLLM_MODEL)
 bench-vllm: install $(VLLM_STAMP)
-	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet
-	$(PY) bench/run_bench.py --write-prompts bench/results/prompts.json
-	$(VLLM_PY) bench/vllm_peer.py --prompts bench/results/prompts.json $(VLLM_ARGS)
+	$(PY) -m clp_fast fetch $(VLLM_MODEL) --quiet
+	$(PY) bench/run_bench.py --model $(VLLM_MODEL) --dtype $(VLLM_DTYPE) --write-prompts bench/results/prompts.json
+	rm -rf $(VLLM_EXPORTS)
+	$(PY) -m clp_fast export --format vllm --model $(VLLM_MODEL) --heads shipped $(VLLM_EXPORTS)/medusa
+	$(PY) -m clp_fast export --format vllm --model $(VLLM_MODEL) --drafter clp_fast/assets/drafters/$(VLLM_MODEL) \
+		$(VLLM_EXPORTS)/eagle
+	$(VLLM_PY) bench/vllm_peer.py --prompts bench/results/prompts.json --configs hf,greedy,ngram,medusa,eagle \
+		--medusa $(VLLM_EXPORTS)/medusa --eagle $(VLLM_EXPORTS)/eagle $(VLLM_ARGS)
 
 bench-full: install
 	$(PY) -m clp_fast fetch qwen2.5-coder-0.5b-instruct --quiet
