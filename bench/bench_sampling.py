@@ -104,7 +104,7 @@ def run(methods: dict, prompts: list[torch.Tensor], eos: list[int], seed: int, n
             if stats is not None:
                 a["forwards"] += stats.forward_passes
                 a["drafted"] += stats.drafted
-                a["accepted"] += sum(m * c for m, c in enumerate(stats.accept_hist))
+                a["accepted"] += stats.accepted
                 a["hist"] = [x + y for x, y in zip(a["hist"], stats.accept_hist)] if a["hist"] else stats.accept_hist
     return acc
 

@@ -24,19 +24,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def acceptance(model, drafter, prompts: list[dict], depth: int, max_new_tokens: int) -> tuple[list[int], list[list]]:
-    """``accept_hist`` summed over ``prompts`` (``[m]``: steps that kept m guesses) and each prompt's new ids."""
+def acceptance(model, drafter, prompts: list[dict], depth: int,
+               max_new_tokens: int) -> tuple[list[int], int, list[list]]:
+    """``accept_hist`` summed over ``prompts`` (``[m]``: steps that kept m guesses), the guesses kept, and each
+    prompt's new ids."""
     import clp_fast
 
-    hist, outs = [0] * (depth + 1), []
+    hist, kept, outs = [0] * (depth + 1), 0, []
     for p in prompts:
         ids = torch.tensor([p["ids"]])
         out, st = clp_fast.generate(model, ids, False, mode="lossless", drafts=[drafter], prompt_lookup=0,
                                     speculation="fixed", max_new_tokens=max_new_tokens, return_stats=True)
         outs.append(out[0, ids.shape[1]:].tolist())
+        kept += st.accepted
         for m, c in enumerate(st.accept_hist[: depth + 1]):
             hist[m] += c
-    return hist, outs
+    return hist, kept, outs
 
 
 def main() -> int:
@@ -58,11 +61,11 @@ def main() -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype).eval()
     drafter = drafter_factory(model, args.drafter, args.depth, 1, 0.0)
-    hist, outs = acceptance(model, drafter, spec["prompts"], args.depth, spec["max_new_tokens"])
+    hist, kept, outs = acceptance(model, drafter, spec["prompts"], args.depth, spec["max_new_tokens"])
     steps = sum(hist)
     res = {"model": spec["model"], "dtype": spec["dtype"], "drafter": args.drafter, "depth": args.depth,
            "steps": steps, "accepted_per_pos": [sum(hist[j:]) for j in range(1, args.depth + 1)],
-           "mean_acceptance_length": 1 + sum(m * c for m, c in enumerate(hist)) / steps,
+           "mean_acceptance_length": 1 + kept / steps,
            "identical_to_vllm_greedy": sum(o[: len(r["ids"])] == r["ids"] for o, r in zip(outs, ref)),
            "prompts": len(outs)}
     if args.vllm_eagle:

@@ -55,6 +55,11 @@ class DecodeStats:
         per_row = [n / f for n, f in zip(self.new_tokens, self.row_forwards) if f]
         return sum(per_row) / len(per_row) if per_row else 0.0
 
+    @property
+    def accepted(self) -> int:
+        """Guesses kept over the whole call, all rows (``accept_hist[m]``: row-steps that kept ``m``)."""
+        return sum(m * h for m, h in enumerate(self.accept_hist))
+
     def count_accepts(self, m: torch.Tensor) -> None:
         """One step's accepted guesses per row ``m [B]`` (-1: the row did not decode)."""
         for v in m.tolist():
